@@ -1,0 +1,76 @@
+"""Command line: each command maps onto one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from multitune.config.loader import ConfigError, dump_config, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 seed=3"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune on every task of a config, then evaluate")
+    _config_args(train)
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    validate = commands.add_parser("validate", help="check a config without loading a model")
+    _config_args(validate)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from multitune.recipes import sft  # heavy imports only when training
+
+    sft.run(cfg)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    names = ", ".join(f"{t.name} ({t.kind})" for t in cfg.tasks)
+    print(f"{args.config}: valid; model {cfg.model.name}; tasks: {names}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Score a model on tokenized examples: answer-token loss, constrained labels, choice letters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from multitune.data.batching import collate, left_pad
+from multitune.data.formatting import TokenizedExample, chat_pieces
+from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
+from multitune.losses.causal_lm import next_token_targets, token_losses
+from multitune.models.lora import decoder_and_head
+
+
+def by_length(
+    examples: list[TokenizedExample], batch_size: int
+) -> Iterator[list[TokenizedExample]]:
+    """Batches of similar length (longest first), so padding wastes little compute."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    for start in range(0, len(ordered), batch_size):
+        yield ordered[start : start + batch_size]
+
+
+@torch.no_grad()
+def answer_loss(
+    model: torch.nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int
+) -> dict[str, float]:
+    """Mean loss and perplexity over all answer tokens (token-weighted, like training)."""
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in by_length(examples, batch_size):
+        tensors = collate(batch, pad_id)
+        hidden = decoder(
+            input_ids=tensors["input_ids"].to(device),
+            attention_mask=tensors["attention_mask"].to(device),
+        ).last_hidden_state
+        targets = next_token_targets(tensors["labels"]).to(device)
+        total += token_losses(hidden, head, targets).sum().item()
+        count += int((targets != -100).sum())
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict) -> int:
+    """The token the chat template closes an assistant turn with (``<|eot_id|>`` on Llama 3)."""
+    pieces = chat_pieces(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        tokenizer,
+        template_kwargs,
+    )
+    if not pieces[-1].tail:
+        raise ValueError("the chat template closes an assistant turn with no token")
+    return pieces[-1].tail[0]
+
+
+def label_trie(
+    tokenizer: PreTrainedTokenizerBase, names: tuple[str, ...], end_id: int
+) -> LabelTrie:
+    sequences = [tokenizer(name, add_special_tokens=False)["input_ids"] for name in names]
+    return LabelTrie.from_token_sequences(sequences, end_id, label_names=list(names))
+
+
+def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, cache=None):
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    # Left padding: positions count real tokens only, as they did in training.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        past_key_values=cache,
+    )
+    return out, mask, positions
+
+
+@torch.no_grad()
+def constrained_labels(
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    trie: LabelTrie,
+    batch_size: int,
+    pad_id: int,
+) -> dict[int, int]:
+    """Greedy decoding restricted to the label set; returns example index -> label index.
+
+    A prefix trie over the labels' token sequences (each ended by the end-of-turn token) masks
+    every other token at each step, so even an untrained model can only produce a valid label.
+    Decoding runs batched with the KV cache over left-padded prompts.
+    """
+    device = next(model.parameters()).device
+    predictions = {}
+    for batch in by_length(examples, batch_size):
+        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+        out, mask, positions = _prompt_forward(model, prompts, pad_id, device)
+        cache, generated = out.past_key_values, [[] for _ in batch]
+        logits = out.logits[:, -1, :]
+        for _ in range(trie.max_sequence_length):
+            step = constrained_greedy_step(logits.float(), generated, trie)
+            for row, token in enumerate(step.tolist()):
+                if not generated[row] or generated[row][-1] != trie.end_token_id:
+                    generated[row].append(token)
+            if all(g[-1] == trie.end_token_id for g in generated):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=step.view(-1, 1).to(device),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+        for example, sequence in zip(batch, generated):
+            predictions[example.example_index] = trie.label_index(sequence)
+    return predictions
+
+
+@torch.no_grad()
+def choice_letters(
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    candidates: dict[int, tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    pad_id: int,
+) -> dict[int, int]:
+    """Multiple choice in one forward pass per question: the highest-scoring choice letter.
+
+    Reads the next-token distribution at the answer position and compares the first token of
+    each letter; no generation. Returns example index -> choice index.
+    """
+    device = next(model.parameters()).device
+    predictions = {}
+    for batch in by_length(examples, batch_size):
+        out, _, _ = _prompt_forward(
+            model, [e.input_ids[: e.prompt_length] for e in batch], pad_id, device
+        )
+        logits = out.logits[:, -1, :].float()
+        for row, example in enumerate(batch):
+            letters = candidates[example.example_index]
+            ids = [
+                tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in letters
+            ]
+            predictions[example.example_index] = int(logits[row, ids].argmax())
+    return predictions

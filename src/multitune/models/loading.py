@@ -1,0 +1,114 @@
+"""Build the model and tokenizer a run trains: the built-in tiny model or any hub causal LM."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from multitune.config.schema import ModelConfig
+from multitune.models.tiny import TINY_MODEL_NAME, build_tiny_model, train_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<pad>", "<|pad|>"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says what to do."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def resolve_attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig,
+    corpus: list[str],
+    seed: int,
+    device: torch.device,
+    saved_base: Path | None = None,
+) -> tuple[PreTrainedModel, Tokenizer]:
+    """Load the base model (frozen later by LoRA) and its tokenizer.
+
+    ``corpus`` trains the built-in tokenizer; ``saved_base`` reloads a built-in model a run saved,
+    so evaluating an adapter uses exactly the weights it was trained on.
+    """
+    dtype = resolve_dtype(cfg, device)
+    if cfg.name == TINY_MODEL_NAME:
+        if saved_base is not None and (saved_base / "config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(saved_base)
+            model = AutoModelForCausalLM.from_pretrained(saved_base, dtype=dtype)
+        else:
+            tokenizer = train_tiny_tokenizer(corpus, cfg.tiny.tokenizer_vocab_size)
+            model = build_tiny_model(cfg.tiny, tokenizer, seed).to(dtype)
+        model.config._attn_implementation = resolve_attn_implementation(cfg, device)
+        return model.to(device), tokenizer
+    tokenizer = _from_hub(AutoTokenizer, cfg)
+    model = _from_hub(
+        AutoModelForCausalLM,
+        cfg,
+        dtype=dtype,
+        attn_implementation=resolve_attn_implementation(cfg, device),
+    )
+    ensure_pad_token(tokenizer, model)
+    return model.to(device), tokenizer
+
+
+def ensure_pad_token(tokenizer: Tokenizer, model: PreTrainedModel) -> None:
+    """Llama 3 ships no pad token; use its reserved right-pad token, never a new embedding."""
+    if tokenizer.pad_token_id is None:
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in PAD_CANDIDATES if t in vocab), tokenizer.eos_token)
+        tokenizer.pad_token = pad
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _from_hub(factory, cfg: ModelConfig, **kwargs):
+    try:
+        return factory.from_pretrained(
+            cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except Exception as exc:
+        raise ModelLoadError(explain_hub_model_error(cfg.name, exc)) from exc
+
+
+def explain_hub_model_error(name: str, exc: Exception) -> str:
+    kind, text = type(exc).__name__, str(exc)
+    if kind == "GatedRepoError" or "gated repo" in text.lower():
+        return (
+            f"{name} is a gated model: accept its license at https://huggingface.co/{name} "
+            "with the account whose token you use (HF_TOKEN or `hf auth login`)"
+        )
+    if kind == "RepositoryNotFoundError" or "is not a valid model identifier" in text:
+        return f"{name} was not found on the Hub (or it is private and no token is set)"
+    if (
+        "offline" in text.lower()
+        or "couldn't connect" in text.lower()
+        or "cannot find the requested files" in text.lower()
+    ):
+        return (
+            f"{name} is not in the local cache and the Hub cannot be reached; download it "
+            "with a network first (`hf download " + name + "`) or unset HF_HUB_OFFLINE"
+        )
+    return f"could not load {name}: {kind}: {text}"

@@ -1,0 +1,56 @@
+"""LoRA adapters through peft, and the decoder/head split the fused loss needs."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from multitune.config.schema import LoraConfig
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """Freeze the base model and wrap the target modules with trainable LoRA adapters."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in present]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules {missing} match no module of this model; "
+            f"linear layers it has: {', '.join(sorted(linear_module_names(model)))}"
+        )
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (hidden states out) and the output projection of a causal LM.
+
+    The training loss runs the decoder only and projects just the answer positions through the
+    head, so [tokens x vocab] logits are never built for the whole batch.
+    """
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
