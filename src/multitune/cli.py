@@ -8,6 +8,8 @@ import os
 import sys
 
 from multitune.config.loader import ConfigError, dump_config, load_config
+from multitune.distributed.launch import add_launch_arguments, cmd_launch
+from multitune.export.command import add_export_arguments, cmd_export
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without loading a model")
     _config_args(validate)
+
+    launch = commands.add_parser(
+        "launch", help="run `train` under torchrun on this node (SLURM, runpod or one node)"
+    )
+    add_launch_arguments(launch)
+
+    export = commands.add_parser("export", help="merge the adapter into its base and/or write GGUF")
+    add_export_arguments(export)
     return parser
 
 
@@ -49,7 +59,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate}
+def _quiet_library_progress_bars() -> None:
+    """datasets/transformers draw a bar per file and split; our own logs say what happens."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "launch": cmd_launch,
+    "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.debug:
+        _quiet_library_progress_bars()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:

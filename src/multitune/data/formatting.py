@@ -61,24 +61,25 @@ def render_chat(
 def chat_pieces(
     messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template_kwargs: dict
 ) -> list[Piece]:
+    """One ``Piece`` per message. An assistant piece's ``head`` is the generation prompt
+    (``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` on Llama 3), which is not trained on;
+    its ``content`` + ``tail`` (answer + end-of-turn token) are."""
     pieces, previous = [], ""
     for i, message in enumerate(messages):
-        if i > 0:
-            previous = render_chat(
-                tokenizer, messages[:i], message["role"] == "assistant", template_kwargs
-            )
         full = render_chat(tokenizer, messages[: i + 1], False, template_kwargs)
-        if not full.startswith(previous):
+        header = ""
+        if message["role"] == "assistant" and i > 0:
+            prompt = render_chat(tokenizer, messages[:i], True, template_kwargs)
+            header = prompt[len(previous) :]
+        if not full.startswith(previous + header):
             raise TaskDataError(
                 "the tokenizer's chat template is not incremental (rendering a conversation "
                 "changes the text of earlier turns); multitune cannot mask it per turn"
             )
-        segment = full[len(previous) :]
+        segment = full[len(previous) + len(header) :]
+        previous = full
         content = message["content"].strip()
         start = segment.find(content) if content else -1
-        if message["role"] == "assistant" and i > 0:
-            # The generation prompt already holds the header, so the segment is answer + tail.
-            start = 0 if start < 0 else start
         if start < 0:
             head, body, tail = segment, "", ""
         else:
@@ -86,7 +87,7 @@ def chat_pieces(
         pieces.append(
             Piece(
                 message["role"],
-                _encode(tokenizer, head),
+                _encode(tokenizer, header + head),
                 _encode(tokenizer, body),
                 _encode(tokenizer, tail),
             )
@@ -122,12 +123,14 @@ def tokenize_example(
             return "answer_too_long" if answer >= max_seq_len else "prompt_too_long"
     input_ids, labels = [], []
     for piece in pieces:
-        ids = piece.ids()
-        input_ids += ids
-        labels += ids if piece.role == "assistant" else [IGNORE_INDEX] * len(ids)
+        input_ids += piece.ids()
+        labels += [IGNORE_INDEX] * len(piece.head)
+        trained = piece.content + piece.tail
+        labels += trained if piece.role == "assistant" else [IGNORE_INDEX] * len(trained)
     if all(label == IGNORE_INDEX for label in labels):
         return "no_answer_tokens"
-    prompt_length = len(input_ids) - len(pieces[-1].ids())
+    last = pieces[-1]
+    prompt_length = len(input_ids) - len(last.content) - len(last.tail)
     return TokenizedExample(input_ids, labels, prompt_length, task_index, example_index, truncated)
 
 

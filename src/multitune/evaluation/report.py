@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -34,7 +35,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def print_summary(tasks: list[TaskData], results: dict, console: Console | None = None) -> None:
     """Per task: examples, validation loss and accuracy before -> after, and chance."""
-    console = console or Console()
+    # Off a terminal (CI logs, pipes) rich would wrap to 80 columns and cut the task names.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     base = (results.get("base") or {}).get("tasks", {})
     table = Table(title=f"multitune: per-task results on {results['split']}")
     for column in (

@@ -134,6 +134,11 @@ def build_tiny_model(
     torch.manual_seed(seed)
     try:
         model = LlamaForCausalLM(config)
+        # With tied embeddings at the usual std 0.02, a logit is at most hidden x 0.02 (2.6 at
+        # hidden 128): too flat for any token to reach a useful probability, and LoRA cannot
+        # change that scale. Std 1/sqrt(hidden) gives a pretrained-like logit range of
+        # about +-sqrt(hidden).
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=hidden**-0.5)
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = config.pad_token_id

@@ -1,0 +1,73 @@
+"""The demo config, shortened, through the real CLI in a fresh process: every output appears."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from tests.conftest import REPO
+
+
+def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
+    out = tmp_path / "demo"
+    overrides = [
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "model.tiny.size=nano",
+        "eval.max_examples=16",
+        "tasks.0.max_examples=60",
+        "tasks.1.max_examples=60",
+        "tasks.2.max_examples=60",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "multitune", "train", "configs/demo.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The per-task table.
+    assert "per-task results on validation" in proc.stdout
+    for name in ("banking77", "commonsense_qa", "text_claims"):
+        assert name in proc.stdout
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == 6 and config["output_dir"] == str(out)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    validation = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in train] == [6] and [r["step"] for r in validation] == [6]
+    for record in records:
+        assert {"step", "epoch", "split", "loss", "lr", "tokens_per_s"} <= set(record)
+        for name in ("banking77", "commonsense_qa", "text_claims"):
+            assert f"task/{name}/loss" in record
+
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["split"] == "validation" and results["adapter"] == "adapter"
+    for name in ("banking77", "commonsense_qa", "text_claims"):
+        metrics = results["tasks"][name]
+        report = json.loads((out / "data_report.json").read_text())[name]
+        assert metrics["n"] == report["tokenized"]["validation"] >= 10
+        assert metrics["perplexity"] > 1
+        assert 0 <= metrics["accuracy"] <= 1
+        assert set(results["base"]["tasks"][name]) >= {"n", "loss", "accuracy"}
+    assert results["chance"]["commonsense_qa"] == pytest.approx(0.2)
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["banking77"]["rows_loaded"] == {"train": 1000, "test": 250}
+    assert (
+        report["banking77"]["examples"]["train"] + report["banking77"]["examples"]["validation"]
+        == 60
+    )
+    assert report["text_claims"]["dropped"] == {} and report["text_claims"]["truncated"] == {}
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "tokenizer_config.json").is_file()
