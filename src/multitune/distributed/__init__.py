@@ -1,0 +1,1 @@
+"""Process-group setup, parallelism and the multi-node launch command."""
