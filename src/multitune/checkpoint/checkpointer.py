@@ -1,0 +1,292 @@
+"""Save and load a run's stateful objects: trainable parameters, optimizer, scheduler, train
+state and per-rank RNG, through torch.distributed.checkpoint (DCP).
+
+DCP writes each rank's own shards, so the same code serves one CPU process (no process group:
+DCP's ``no_dist`` mode), DDP and FSDP2. ``root`` must be a filesystem every rank sees. Saving is
+synchronous; ``dcp.async_save`` is not used yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from multitune.checkpoint.commit import commit_checkpoint, purge_checkpoints, temporary_name
+from multitune.checkpoint.layout import (
+    DCP_DIR,
+    SCHEDULER_FILE,
+    TRAIN_STATE_FILE,
+    rng_file_name,
+    step_folder_name,
+)
+from multitune.checkpoint.manifest import (
+    CheckpointError,
+    read_manifest,
+    verify_checkpoint,
+    write_file_durably,
+)
+from multitune.checkpoint.ranks import (
+    broadcast_from_rank0,
+    gather_problems,
+    is_distributed,
+    rank_and_world_size,
+)
+from multitune.checkpoint.rng import capture_rng_state, restore_rng_state
+
+log = logging.getLogger(__name__)
+
+# Only what training changes: LoRA adapters, not the frozen base weights.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+# strict=True would demand the frozen keys we deliberately left out; check_trainable_tensors
+# checks the trainable key set instead.
+_TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_state: dict,
+    keep_last: int = 2,
+    config_hash: str | None = None,
+) -> Path:
+    """Write ``root/step-{step:08d}`` atomically and return it; call on every rank.
+
+    Every rank writes into one ``.tmp-*`` folder; once all have finished, the trainable tensors
+    are read back and compared with the model (whole shape, same values); then rank 0 writes the
+    manifest and commits with a single rename, and only then purges committed checkpoints beyond
+    the newest ``keep_last`` and stale ``.tmp-*`` folders. Raises CheckpointError, on every rank,
+    when any stage fails; nothing is committed then.
+    """
+    if keep_last < 1:
+        raise ValueError(
+            f"keep_last must be at least 1, got {keep_last}: the checkpoint just written is "
+            "always kept (a run that purged it could not resume)"
+        )
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if train_state.get("step", step) != step:
+        raise ValueError(f"train_state['step'] is {train_state['step']} but step is {step}")
+    train_state_json = _encode_train_state(train_state)
+    rng_state = capture_rng_state()
+    rank, world_size = rank_and_world_size()
+    root = Path(root)
+    final = root / step_folder_name(step)
+    tmp = root / broadcast_from_rank0(temporary_name(final.name) if rank == 0 else None)
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    _dcp_save({"model": model_state, "optim": optim_state}, tmp / DCP_DIR)
+    problems = []
+    try:
+        write_file_durably(tmp / rng_file_name(rank), _torch_bytes(rng_state))
+        if rank == 0:
+            write_file_durably(tmp / SCHEDULER_FILE, _torch_bytes(scheduler.state_dict()))
+            write_file_durably(tmp / TRAIN_STATE_FILE, train_state_json.encode("utf-8"))
+    except OSError as error:
+        problems.append(f"writing into {tmp} failed: {error}")
+    _raise_if_any(gather_problems(problems), f"checkpoint for step {step} not written")
+
+    _raise_if_any(
+        gather_problems(check_trainable_tensors(tmp, model)),
+        f"checkpoint {tmp} does not hold the whole trainable tensors the model holds, so it is "
+        "not committed (a sharded model saved only one rank's slice?)",
+    )
+
+    outcome = None
+    if rank == 0:
+        try:
+            commit_checkpoint(tmp, final, step, world_size, config_hash)
+        except OSError as error:
+            outcome = f"committing {tmp} as {final} failed: {error}"
+        else:
+            try:
+                purge_checkpoints(root, keep_last, final)
+            except OSError as error:
+                log.warning("purging old checkpoints under %s failed: %s", root, error)
+    outcome = broadcast_from_rank0(outcome)  # also holds other ranks until the commit is done
+    if outcome:
+        raise CheckpointError(outcome)
+    if rank == 0:
+        log.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    verify: bool = True,
+) -> dict:
+    """Restore a committed checkpoint in place and return its train state; call on every rank.
+
+    Trainable parameters and optimizer state are resharded by DCP to the current layout. This
+    rank's RNG is restored when the checkpoint has a file for it; after a change of world size
+    ranks without one keep their RNG, with a warning. ``verify=False`` skips the sha256 check,
+    for a path that ``find_resume_checkpoint`` has just verified.
+    """
+    path = Path(path)
+    rank, world_size = rank_and_world_size()
+    if verify:
+        problems = broadcast_from_rank0(verify_checkpoint(path) if rank == 0 else None)
+        _raise_if_any(problems, f"checkpoint {path} failed verification")
+    manifest = read_manifest(path)
+    _raise_if_any(
+        check_trainable_tensors(path, model, compare_values=False),
+        f"checkpoint {path} does not fit this model (other LoRA rank or target modules?)",
+    )
+
+    # DCP's state-dict helper creates missing optimizer state (exp_avg, ...) with a zero-lr step
+    # so that there is something to load into, but skips that while gradients exist.
+    optimizer.zero_grad(set_to_none=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    _dcp_load({"model": model_state, "optim": optim_state}, path / DCP_DIR)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=_TRAINABLE_LOAD,
+    )
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    train_state = json.loads((path / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+
+    rng_file = path / rng_file_name(rank)
+    if manifest.world_size != world_size:
+        log.warning(
+            "checkpoint %s was saved by %d ranks, resuming with %d: data order and random "
+            "draws will not match an uninterrupted run",
+            path,
+            manifest.world_size,
+            world_size,
+        )
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log.warning(
+            "no %s in %s (world size changed); RNG of rank %d left as is", rng_file.name, path, rank
+        )
+    return train_state
+
+
+def check_trainable_tensors(
+    path: Path, model: torch.nn.Module, *, compare_values: bool = True
+) -> list[str]:
+    """Problems found comparing a step folder's trainable tensors with ``model``'s.
+
+    Each must be present with the model parameter's full (global) shape and chunks covering all
+    its elements, so a checkpoint holding one rank's slice of a sharded LoRA weight is caught.
+    With ``compare_values`` the tensors are read back with DCP (a collective: call on every rank)
+    and each rank compares its local shard with the model's.
+    """
+    held = get_model_state_dict(model, options=_TRAINABLE)
+    problems = []
+    num_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if len(held) != num_trainable:
+        problems.append(
+            f"the model has {num_trainable} trainable tensors, its state dict {len(held)}"
+        )
+    metadata = FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata()
+    saved = {
+        key.removeprefix("model."): value
+        for key, value in metadata.state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+    problems += [
+        f"{name}: trainable in the model, absent from the checkpoint"
+        for name in sorted(held.keys() - saved.keys())
+    ]
+    problems += [
+        f"{name}: in the checkpoint, not trainable in the model"
+        for name in sorted(saved.keys() - held.keys())
+    ]
+    for name in sorted(held.keys() & saved.keys()):
+        problems += _whole_tensor_problems(name, saved[name], held[name].shape)
+    if problems or not compare_values:
+        return problems
+
+    read_back = {name: torch.empty_like(tensor) for name, tensor in held.items()}
+    _dcp_load({"model": read_back}, Path(path) / DCP_DIR)
+    for name, tensor in held.items():
+        if not torch.equal(_local(read_back[name]), _local(tensor)):
+            problems.append(f"{name}: values read back differ from the model's")
+    return problems
+
+
+def _whole_tensor_problems(name: str, saved, shape: torch.Size) -> list[str]:
+    if not isinstance(saved, TensorStorageMetadata):
+        return [f"{name}: saved as {type(saved).__name__}, not a tensor"]
+    if tuple(saved.size) != tuple(shape):
+        return [f"{name}: saved with shape {list(saved.size)}, the model's is {list(shape)}"]
+    covered = sum(math.prod(chunk.sizes) for chunk in saved.chunks)
+    if covered != math.prod(shape):
+        return [f"{name}: saved chunks cover {covered} of {math.prod(shape)} elements"]
+    return []
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _dcp_save(state_dict: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with _single_process_quietly():
+        dcp.save(
+            state_dict,
+            storage_writer=FileSystemWriter(folder, sync_files=True),
+            no_dist=not is_distributed(),
+        )
+
+
+def _dcp_load(state_dict: dict, folder: Path) -> None:
+    with _single_process_quietly():
+        dcp.load(state_dict, storage_reader=FileSystemReader(folder), no_dist=not is_distributed())
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    # DCP warns on every call without a process group; single-process use is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def _encode_train_state(train_state: dict) -> str:
+    try:
+        return json.dumps(train_state, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise TypeError(
+            f"train_state must be JSON-serialisable (numbers, strings, lists, dicts): {error}"
+        ) from error
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _raise_if_any(problems: list[str], headline: str) -> None:
+    if problems:
+        raise CheckpointError(headline + ":\n  " + "\n  ".join(problems))
