@@ -1,0 +1,1 @@
+"""Publishing a run: the model card (``card.py``)."""
