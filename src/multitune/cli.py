@@ -10,6 +10,7 @@ import sys
 from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
 from multitune.export.command import add_export_arguments, cmd_export
+from multitune.planning import add_plan_arguments, cmd_plan
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without loading a model")
     _config_args(validate)
+
+    plan = commands.add_parser(
+        "plan", help="estimate memory, strategy, time and cost before renting GPUs"
+    )
+    _config_args(plan)
+    add_plan_arguments(plan)
 
     launch = commands.add_parser(
         "launch", help="run `train` under torchrun on this node (SLURM, runpod or one node)"
@@ -71,6 +78,7 @@ def _quiet_library_progress_bars() -> None:
 COMMANDS = {
     "train": cmd_train,
     "validate": cmd_validate,
+    "plan": cmd_plan,
     "launch": cmd_launch,
     "export": cmd_export,
 }

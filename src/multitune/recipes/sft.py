@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig) -> dict:
     """Train, evaluate and save one run; returns the final eval results."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without this, each torchrun worker would train its own full copy of the run.
+        raise RuntimeError(
+            "multi-process training (torchrun with WORLD_SIZE > 1) is not implemented yet; "
+            "run `multitune train` as one process"
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))

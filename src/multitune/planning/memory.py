@@ -1,0 +1,204 @@
+"""Memory per device for a LoRA run, line by line, for each parallel strategy.
+
+Every figure is in bytes. Activations follow what autograd actually keeps for a Llama block in
+transformers with a frozen base (see ``activation_bytes_per_token``); ``bench/plan_accuracy.py``
+measures them against real training steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from multitune.config.schema import LoraConfig
+from multitune.planning.architecture import Shape
+from multitune.planning.parameters import ParameterCounts
+
+STRATEGIES = ("ddp", "hsdp", "fsdp")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAPTER_BYTES = 4  # peft keeps LoRA weights in float32 under a bf16/fp16 base
+# QLoRA-style 4-bit NormalFloat: 0.5 byte, plus double-quantised constants (an 8-bit absmax per
+# 64 weights and an fp32 scale per 256 of those), for the decoder's linear layers only.
+NF4_BYTES_PER_PARAM = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8
+# Loss memory without a fused kernel, per token x vocab entry: the float32 log-probabilities
+# cross_entropy keeps, then at the start of backward their gradient and the logits' gradient.
+PLAIN_LOSS_FLOAT32_COPIES = 3
+LOSS_CHUNK_TOKENS = 1024  # rows a fused linear + cross-entropy projects at a time
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What the memory of one training process depends on, apart from batch and strategy."""
+
+    shape: Shape
+    counts: ParameterCounts
+    lora: LoraConfig
+    weight_bytes: int  # bytes per frozen base parameter (2 bf16, 4 fp32)
+    dropout_mask_bytes: int  # 1 on GPU (bool mask), 4 on CPU (float noise)
+    attention: str  # sdpa | flash_attention_2 | eager
+    seq_len: int
+    overhead_bytes: int
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.weight_bytes  # activations run in the weights' dtype
+
+    @property
+    def trainable_bytes(self) -> int:
+        return ADAPTER_BYTES * self.counts.adapter + self.weight_bytes * self.counts.saved_modules
+
+
+def activation_bytes_per_token(m: MemoryModel) -> dict[str, int]:
+    """Bytes autograd keeps per token, per decoder layer and outside the layers.
+
+    With a = bytes of the activation dtype, h hidden, q = heads*head_dim, I intermediate:
+
+    - RMSNorm (x2): its float32 input (4h + 4 for the rsqrt) -- the normalised output is not
+      kept, because the linears after it are frozen and need only their weights for backward.
+    - attention: q, k, v after RoPE and the output, kept by sdpa/flash: a*(2q + 2kv) + 4*heads
+      (log-sum-exp). kv = q when sdpa gets a padding mask (transformers then repeats K/V for
+      GQA), kv_heads*head_dim with flash_attention_2. eager also keeps the probabilities,
+      heads*seq*(4 + a).
+    - SwiGLU: gate output, silu(gate), up output: 3*a*I.
+    - LoRA, per targeted linear (in -> out): its input cast to float32 and kept after dropout
+      (4*in), with the dropout mask when dropout > 0: 1*in on GPU (fused kernel, bool), 4*in on
+      CPU (float noise tensor); without dropout the cast copy stays (4*in) unless activations
+      are already float32 (shared, 0). Plus A's output, 4*r.
+    - sdpa with a padding mask: torch turns the boolean [batch, 1, seq, seq] mask into one in
+      the activation dtype per call and keeps it for backward: a*seq per token and layer.
+
+    Outside the layers: the final norm's float32 input (4h). ``layer_input`` (a*h) is all a
+    layer keeps under activation checkpointing.
+    """
+    s, lora = m.shape, m.lora
+    a = m.activation_bytes
+    kv = s.kv_dim if m.attention == "flash_attention_2" else s.q_dim
+    attention = a * (2 * s.q_dim + 2 * kv) + 4 * s.heads
+    if m.attention == "eager":
+        attention += s.heads * m.seq_len * (4 + a)
+    elif m.attention == "sdpa":
+        attention += a * m.seq_len
+    layer = 2 * (4 * s.hidden + 4) + attention + 3 * a * s.intermediate
+    if lora.dropout > 0:
+        per_input = ADAPTER_BYTES + m.dropout_mask_bytes
+    else:
+        per_input = 0 if a == ADAPTER_BYTES else ADAPTER_BYTES
+    linears = s.linear_shapes()
+    lora_bytes = sum(
+        per_input * linears[t][0] + ADAPTER_BYTES * lora.r
+        for t in lora.target_modules
+        if t in linears
+    )
+    return {
+        "layer": layer,
+        "layer_lora": lora_bytes,
+        "layer_input": a * s.hidden,
+        "outside_layers": 4 * s.hidden,
+    }
+
+
+def activation_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> int:
+    """Activations alive at the start of backward, for ``micro_batch`` rows of ``seq_len``.
+
+    Without checkpointing that is every layer's tensors; with it, only each layer's input (the
+    layer is recomputed during backward, see ``recompute_memory``).
+    """
+    per_token = activation_bytes_per_token(m)
+    if checkpointing:
+        per_layer = per_token["layer_input"]
+    else:
+        per_layer = per_token["layer"] + per_token["layer_lora"]
+    return micro_batch * m.seq_len * (m.shape.layers * per_layer + per_token["outside_layers"])
+
+
+def recompute_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> int:
+    """Under checkpointing, one layer's full activations, rebuilt during its backward."""
+    if not checkpointing:
+        return 0
+    per_token = activation_bytes_per_token(m)
+    return micro_batch * m.seq_len * (per_token["layer"] + per_token["layer_lora"])
+
+
+def loss_memory(m: MemoryModel, micro_batch: int, fused: bool = False) -> int:
+    """Logits memory for a micro-batch whose every token is a training target (an upper bound:
+    the SFT loss projects only answer positions).
+
+    plain: tokens x vocab x 4 bytes x 3 (log-probs, their gradient, the logits' gradient);
+    fused: one chunk of ``LOSS_CHUNK_TOKENS`` rows x vocab x 4 bytes.
+    """
+    tokens = micro_batch * m.seq_len
+    if fused:
+        return min(tokens, LOSS_CHUNK_TOKENS) * m.shape.vocab * 4
+    return tokens * m.shape.vocab * 4 * PLAIN_LOSS_FLOAT32_COPIES
+
+
+def shard_count(strategy: str, gpus_per_node: int, nodes: int) -> int:
+    """How many ways the parameters, gradients and optimizer state are split."""
+    return {"ddp": 1, "hsdp": gpus_per_node, "fsdp": gpus_per_node * nodes}[strategy]
+
+
+def gathered_parameters(m: MemoryModel) -> int:
+    """Unsharded parameters a sharded rank holds at once: the root unit (embeddings, head, final
+    norm, saved-module copies; kept gathered for the step) and two decoder layers (the one
+    running and the one prefetched)."""
+    s, w = m.shape, m.weight_bytes
+    root = w * (s.vocab * s.hidden * (1 if s.tied_embeddings else 2) + s.hidden)
+    root += w * m.counts.saved_modules
+    layer = w * (sum(i * o for i, o in s.linear_shapes().values()) + 2 * s.hidden)
+    layer += ADAPTER_BYTES * m.counts.adapter // max(1, s.layers)
+    return root + 2 * layer
+
+
+def strategy_memory(
+    m: MemoryModel,
+    strategy: str,
+    micro_batch: int,
+    checkpointing: bool,
+    gpus_per_node: int,
+    nodes: int,
+    fused_loss: bool = False,
+) -> dict[str, int]:
+    """Bytes per device, line by line, with their ``total``.
+
+    weights: frozen base in its dtype; adapter: LoRA in float32 plus saved-module copies in the
+    base dtype; gradients: the same sizes; optimizer: AdamW's two moments in each parameter's
+    dtype. fsdp divides these four by the world size, hsdp by the GPUs of a node, ddp by 1.
+    """
+    shards = shard_count(strategy, gpus_per_node, nodes)
+    c, w = m.counts, m.weight_bytes
+    loss = loss_memory(m, micro_batch, fused_loss)
+    lines = {
+        "weights": math.ceil(w * c.base / shards),
+        "adapter": math.ceil(m.trainable_bytes / shards),
+        "gradients": math.ceil(m.trainable_bytes / shards),
+        "optimizer": math.ceil(2 * m.trainable_bytes / shards),
+        "gathered_params": gathered_parameters(m) if shards > 1 else 0,
+        "activations": activation_memory(m, micro_batch, checkpointing),
+        "loss": loss,
+        # The recomputed layer and the loss's buffers are never alive together (the loss's
+        # backward ends before the first layer is recomputed): count only the excess.
+        "recompute": max(0, recompute_memory(m, micro_batch, checkpointing) - loss),
+        "overhead": m.overhead_bytes,
+    }
+    lines["total"] = sum(lines.values())
+    return lines
+
+
+def micro_batch_candidates(limit: int = 8192) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ...: powers of two and the midpoints between them."""
+    sizes, power = [1], 2
+    while power <= limit:
+        sizes += [power, power + power // 2]
+        power *= 2
+    return sorted({n for n in sizes if n <= limit})
+
+
+def largest_micro_batch(fits: Callable[[int], bool], limit: int = 8192) -> int:
+    """The largest candidate micro-batch for which ``fits`` holds; 0 if even 1 does not fit."""
+    best = 0
+    for size in micro_batch_candidates(limit):
+        if not fits(size):
+            break
+        best = size
+    return best
