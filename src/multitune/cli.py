@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config without loading a model")
     _config_args(validate)
+
+    evaluate = commands.add_parser("eval", help="score the base model or an adapter per task")
+    _config_args(evaluate)
+    evaluate.add_argument(
+        "--adapter", type=Path, help="a PEFT adapter folder (default: base model)"
+    )
+    evaluate.add_argument("--split", choices=["validation", "test"], default="validation")
 
     plan = commands.add_parser(
         "plan", help="estimate memory, strategy, time and cost before renting GPUs"
@@ -59,6 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from multitune.recipes import evaluate
+
+    evaluate.run(cfg, args.adapter, args.split)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     names = ", ".join(f"{t.name} ({t.kind})" for t in cfg.tasks)
@@ -78,6 +94,7 @@ def _quiet_library_progress_bars() -> None:
 COMMANDS = {
     "train": cmd_train,
     "validate": cmd_validate,
+    "eval": cmd_eval,
     "plan": cmd_plan,
     "launch": cmd_launch,
     "export": cmd_export,
@@ -85,7 +102,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after flags (`eval CONFIG --adapter A key=value`), which argparse's
+    # positional `nargs="*"` alone does not accept.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -71,3 +71,52 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "tokenizer.json").is_file() and (adapter / "tokenizer_config.json").is_file()
+
+    # `multitune eval` on the saved adapter reproduces the training run's final evaluation.
+    again = tmp_path / "eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "multitune",
+            "eval",
+            "configs/demo.yaml",
+            "--adapter",
+            str(adapter),
+            *overrides[1:],
+            f"output_dir={again}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rescored = json.loads((again / "eval_results.json").read_text())
+    assert rescored["split"] == "validation" and rescored["adapter"] == str(adapter)
+    for name, metrics in results["tasks"].items():
+        assert rescored["tasks"][name]["accuracy"] == metrics["accuracy"]
+        assert rescored["tasks"][name]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+
+    # The test split: text_claims has none on the hub, which is an error, not a zero metric.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "multitune",
+            "eval",
+            "configs/demo.yaml",
+            "--split",
+            "test",
+            *overrides[1:],
+            f"output_dir={again}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2
+    assert "task 'text_claims' has no 'test' split to evaluate (set test_split)" in proc.stderr

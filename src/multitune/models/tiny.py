@@ -62,6 +62,8 @@ LLAMA32_STYLE_CHAT_TEMPLATE = (
 
 # hidden, layers, heads, kv heads, intermediate: Llama 3.2's ratios (GQA 4:1 where possible,
 # SwiGLU at ~2.7x hidden) at sizes that train in minutes on two CPU cores.
+FINAL_NORM_GAIN = 3.0
+
 TINY_SHAPES = {
     "nano": (64, 2, 4, 2, 176),
     "micro": (128, 4, 4, 2, 344),
@@ -135,10 +137,11 @@ def build_tiny_model(
     try:
         model = LlamaForCausalLM(config)
         # With tied embeddings at the usual std 0.02, a logit is at most hidden x 0.02 (2.6 at
-        # hidden 128): too flat for any token to reach a useful probability, and LoRA cannot
-        # change that scale. Std 1/sqrt(hidden) gives a pretrained-like logit range of
-        # about +-sqrt(hidden).
+        # hidden 128): far too flat for any token to become likely, and LoRA cannot change that
+        # scale. Unit-norm embeddings (std 1/sqrt(hidden)) and a final-norm gain of
+        # FINAL_NORM_GAIN give a pretrained-like logit range (up to about gain x sqrt(hidden)).
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=hidden**-0.5)
+        model.model.norm.weight.data.fill_(FINAL_NORM_GAIN)
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = config.pad_token_id
