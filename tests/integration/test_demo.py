@@ -10,6 +10,18 @@ import yaml
 from tests.conftest import REPO
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "multitune", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
     out = tmp_path / "demo"
     overrides = [
@@ -21,15 +33,7 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
         "tasks.1.max_examples=60",
         "tasks.2.max_examples=60",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "multitune", "train", "configs/demo.yaml", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli("train", "configs/demo.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The per-task table.
     assert "per-task results on validation" in proc.stdout
@@ -74,23 +78,13 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
 
     # `multitune eval` on the saved adapter reproduces the training run's final evaluation.
     again = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "multitune",
-            "eval",
-            "configs/demo.yaml",
-            "--adapter",
-            str(adapter),
-            *overrides[1:],
-            f"output_dir={again}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_cli(
+        "eval",
+        "configs/demo.yaml",
+        "--adapter",
+        str(adapter),
+        *overrides[1:],
+        f"output_dir={again}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rescored = json.loads((again / "eval_results.json").read_text())
@@ -100,23 +94,13 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
         assert rescored["tasks"][name]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
 
     # The test split: text_claims has none on the hub, which is an error, not a zero metric.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "multitune",
-            "eval",
-            "configs/demo.yaml",
-            "--split",
-            "test",
-            *overrides[1:],
-            f"output_dir={again}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_cli(
+        "eval",
+        "configs/demo.yaml",
+        "--split",
+        "test",
+        *overrides[1:],
+        f"output_dir={again}",
     )
     assert proc.returncode == 2
     assert "task 'text_claims' has no 'test' split to evaluate (set test_split)" in proc.stderr
