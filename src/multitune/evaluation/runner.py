@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -13,6 +15,7 @@ from multitune.evaluation.scoring import (
     choice_letters,
     constrained_labels,
     end_of_turn_id,
+    greedy_generate,
     label_trie,
 )
 from multitune.tasks.base import TaskDataError
@@ -35,22 +38,28 @@ def evaluate_tasks(
     cfg: RunConfig,
     split: str = "validation",
     with_predictions: bool = True,
+    confusion_dir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Loss/perplexity for every task; accuracy for tasks with a closed answer set."""
+    """Loss/perplexity for every task; accuracy (+ macro-F1, MCC, confusion) for closed answer
+    sets; BLEU/chrF/ROUGE-L (+ exact match, token F1 for QA) from greedy generation otherwise.
+    ``confusion_dir`` receives a confusion matrix per classification task (JSON, and PNG when
+    matplotlib is installed)."""
     was_training = model.training
     model.eval()
     results = {}
     try:
         for task in tasks:
             results[task.spec.name] = _evaluate_task(
-                model, tokenizer, task, cfg, split, with_predictions
+                model, tokenizer, task, cfg, split, with_predictions, confusion_dir
             )
     finally:
         model.train(was_training)
     return results
 
 
-def _evaluate_task(model, tokenizer, task: TaskData, cfg: RunConfig, split: str, with_predictions):
+def _evaluate_task(
+    model, tokenizer, task: TaskData, cfg: RunConfig, split: str, with_predictions, confusion_dir
+):
     if split not in task.tokenized:
         raise TaskDataError(
             f"task {task.spec.name!r} has no '{split}' split to evaluate (set test_split)"
@@ -71,9 +80,21 @@ def _evaluate_task(model, tokenizer, task: TaskData, cfg: RunConfig, split: str,
         trie = label_trie(tokenizer, task.spec.label_names, end_id)
         predicted = constrained_labels(model, examples, trie, cfg.eval.batch_size, pad_id)
         preds = [task.spec.label_names[predicted[e.example_index]] for e in examples]
+        labels = list(task.spec.label_names)
         result["accuracy"] = metrics.accuracy(preds, golds)
-        result["macro_f1"] = metrics.macro_f1(preds, golds, labels=list(task.spec.label_names))
+        result["macro_f1"] = metrics.macro_f1(preds, golds, labels=labels)
         result["mcc"] = metrics.mcc(preds, golds)
+        if len(labels) == 2:
+            # Binary tasks (GLUE's MRPC/QQP report it): F1 of the second label, the positive one.
+            result["f1"] = metrics.binary_f1(preds, golds, positive=labels[1])
+        matrix = metrics.confusion_matrix(preds, golds, labels)
+        result["top_confused"] = metrics.top_confused_pairs(matrix, labels, k=10)
+        if confusion_dir is not None:
+            confusion_dir.mkdir(parents=True, exist_ok=True)
+            name = task.spec.name.replace("/", "_")
+            metrics.save_confusion_matrix(
+                confusion_dir / f"{name}.json", matrix, labels, confusion_dir / f"{name}.png"
+            )
     elif task.spec.kind == "multiple_choice":
         candidates = {e.example_index: source[e.example_index].candidates for e in examples}
         predicted = choice_letters(
@@ -81,4 +102,16 @@ def _evaluate_task(model, tokenizer, task: TaskData, cfg: RunConfig, split: str,
         )
         preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
         result["accuracy"] = metrics.accuracy(preds, golds)
+    else:
+        end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
+        texts = greedy_generate(
+            model, examples, tokenizer, end_id, cfg.eval.batch_size, cfg.eval.max_new_tokens
+        )
+        hyps = [texts[e.example_index] for e in examples]
+        result["bleu"] = metrics.bleu(hyps, golds)
+        result["chrf"] = metrics.chrf(hyps, golds)
+        result["rouge_l"] = metrics.rouge_l(hyps, golds)
+        if task.spec.kind == "qa":
+            result["exact_match"] = metrics.exact_match(hyps, golds)
+            result["token_f1"] = metrics.token_f1(hyps, golds)
     return result

@@ -150,3 +150,36 @@ def choice_letters(
             ]
             predictions[example.example_index] = int(logits[row, ids].argmax())
     return predictions
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    tokenizer: PreTrainedTokenizerBase,
+    end_id: int,
+    batch_size: int,
+    max_new_tokens: int,
+) -> dict[int, str]:
+    """Batched greedy generation with the KV cache over left-padded prompts.
+
+    Returns example index -> generated text (up to the end-of-turn token).
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    texts = {}
+    for batch in by_length(examples, batch_size):
+        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+        output = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=pad_id,
+        )
+        for example, row in zip(batch, output[:, ids.shape[1] :].tolist()):
+            if end_id in row:
+                row = row[: row.index(end_id)]
+            texts[example.example_index] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return texts

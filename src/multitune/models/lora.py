@@ -25,6 +25,10 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         modules_to_save=list(cfg.modules_to_save) or None,
+        # A fully trained embed_tokens/lm_head of a tied model must stay one matrix, or the
+        # saved adapter no longer describes a model that merges or exports correctly.
+        ensure_weight_tying=bool(cfg.modules_to_save)
+        and bool(getattr(model.config, "tie_word_embeddings", False)),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -37,7 +37,9 @@ def run(cfg: RunConfig, adapter: Path | None, split: str) -> dict:
         model = PeftModel.from_pretrained(model, adapter)
     tokenize_tasks(tasks, tokenizer, cfg)
     results = {
-        "tasks": evaluate_tasks(model, tokenizer, tasks, cfg, split=split),
+        "tasks": evaluate_tasks(
+            model, tokenizer, tasks, cfg, split=split, confusion_dir=out / "confusion"
+        ),
         "split": split,
         "adapter": str(adapter) if adapter else None,
         "chance": {t.spec.name: chance_accuracy(t) for t in tasks},

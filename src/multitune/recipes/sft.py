@@ -78,7 +78,9 @@ def run(cfg: RunConfig) -> dict:
 
     train_loop(model, tokenizer, tasks, cfg, out, device)
 
-    final = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
+    final = evaluate_tasks(
+        model, tokenizer, tasks, cfg, split="validation", confusion_dir=out / "confusion"
+    )
     save_adapter(model, tokenizer, out / "adapter", out / "base_model")
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)

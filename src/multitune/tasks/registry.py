@@ -32,6 +32,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# GLUE classification tasks (nyu-mll/glue): usable for training or as eval-only checks that
+# fine-tuning kept general ability. Their test splits carry no labels (-1), so "validation" is
+# the test set here. name -> (subset, text columns, label names in id order).
+GLUE_TASKS = {
+    "cola": ("cola", ["sentence"], ["unacceptable", "acceptable"]),
+    "sst2": ("sst2", ["sentence"], ["negative", "positive"]),
+    "mrpc": ("mrpc", ["sentence1", "sentence2"], ["not_equivalent", "equivalent"]),
+    "qqp": ("qqp", ["question1", "question2"], ["not_duplicate", "duplicate"]),
+    "mnli": ("mnli", ["premise", "hypothesis"], ["entailment", "neutral", "contradiction"]),
+    "qnli": ("qnli", ["question", "sentence"], ["entailment", "not_entailment"]),
+    "rte": ("rte", ["sentence1", "sentence2"], ["entailment", "not_entailment"]),
+    "wnli": ("wnli", ["sentence1", "sentence2"], ["not_entailment", "entailment"]),
+}
+for _name, (_subset, _columns, _labels) in GLUE_TASKS.items():
+    PRESETS[f"glue_{_name}"] = {
+        "dataset": "nyu-mll/glue",
+        "subset": _subset,
+        "kind": "classification",
+        "train_split": "train",
+        "test_split": "validation_matched" if _name == "mnli" else "validation",
+        "columns": {"text": _columns[0], "label": "label"},
+        "label_names": _labels,
+        "prompt_template": "Classify the text. Answer with one of: {labels}.\n\n"
+        + "\n".join(f"{c}: {{{c}}}" for c in _columns),
+    }
+
 # When a hub repo holds only a loading script (which datasets >= 4 will not run), try these
 # parquet copies in order after its own refs/convert/parquet revision.
 PARQUET_FALLBACKS: dict[str, list[str]] = {
