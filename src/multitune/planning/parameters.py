@@ -74,7 +74,8 @@ def analytic_parameter_counts(shape: Shape, lora: LoraConfig) -> ParameterCounts
 
     base  = V*h*(1 if tied else 2) + L*(sum of in*out over the 7 linears + 2h) + h
     LoRA on a linear (in -> out) adds r*(in + out) per layer; on lm_head or embed_tokens
-    r*(V + h) once. Each entry of modules_to_save adds a trainable copy of V*h.
+    r*(V + h) once. Each entry of modules_to_save adds a trainable copy of V*h (one shared copy
+    when the embeddings are tied, since apply_lora keeps them tied).
     """
     h, v, r = shape.hidden, shape.vocab, lora.r
     linears = shape.linear_shapes()
@@ -89,7 +90,9 @@ def analytic_parameter_counts(shape: Shape, lora: LoraConfig) -> ParameterCounts
             adapter += r * (v + h)
         else:
             raise ValueError(f"no closed form for LoRA on {target!r} of a Llama-style model")
-    saved = v * h * len(lora.modules_to_save)
+    # With tied embeddings, apply_lora keeps trained embed_tokens/lm_head copies tied: one matrix.
+    copies = len(lora.modules_to_save)
+    saved = v * h * (min(copies, 1) if shape.tied_embeddings else copies)
     return ParameterCounts(base, adapter + saved, base + adapter + saved, adapter, saved)
 
 
