@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from multitune.config.loader import ConfigError, dump_config, load_config
@@ -87,6 +88,8 @@ def _quiet_library_progress_bars() -> None:
     import datasets
     import transformers
 
+    # peft calls a property transformers 5 deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
