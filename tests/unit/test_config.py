@@ -200,6 +200,10 @@ PINNED_KEYS = [
     "eval.max_examples",
     "eval.before_training",
     "eval.max_new_tokens",
+    "checkpoint.every_steps",
+    "checkpoint.every_minutes",
+    "checkpoint.keep_last",
+    "resume",
 ]
 
 

@@ -130,6 +130,17 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(default=64, gt=0)
 
 
+class CheckpointConfig(Section):
+    """When the training loop saves a resumable checkpoint into OUTPUT_DIR/checkpoints.
+
+    A final checkpoint is always written at the end of training, and one on SIGTERM/SIGUSR1.
+    """
+
+    every_steps: int | None = Field(default=None, gt=0, description="Every N optimizer steps.")
+    every_minutes: float | None = Field(default=None, gt=0, description="Every N minutes.")
+    keep_last: int = Field(default=2, ge=1, description="Committed checkpoints kept on disk.")
+
+
 class RunConfig(Section):
     output_dir: Path = Path("runs/default")
     seed: int = 0
@@ -139,6 +150,12 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: str = Field(
+        default="auto",
+        description="'auto' (newest valid checkpoint in OUTPUT_DIR/checkpoints, if any), "
+        "'never', or the path of a step folder.",
+    )
 
     @model_validator(mode="after")
     def _task_names_unique(self) -> RunConfig:

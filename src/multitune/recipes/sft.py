@@ -1,19 +1,35 @@
 """Supervised multi-task fine-tuning with LoRA: setup -> loop -> evaluate -> save.
 
 Read top to bottom: every stage of a run is one call in ``run``, and the loop shows each step
-(batch, forward/backward per micro-batch, clip, optimizer step, schedule, log) in order.
+(batch, forward/backward per micro-batch, clip, optimizer step, schedule, log, checkpoint) in
+order. A run resumes exactly from a checkpoint in OUTPUT_DIR/checkpoints (see ``resume`` in the
+config), and SIGTERM/SIGUSR1 make it save and stop after the current optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from multitune.checkpoint import (
+    CheckpointError,
+    config_hash,
+    find_resume_checkpoint,
+    list_committed,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from multitune.checkpoint.layout import TRAIN_STATE_FILE
 from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig
 from multitune.data.batching import collate
@@ -32,9 +48,28 @@ from multitune.training.step import accumulate_gradients, clip_and_check
 
 log = logging.getLogger(__name__)
 
+# Resume policy: a checkpoint continues only the run that wrote it. These top-level keys shape
+# the trained weights or the data order, so resuming with any of them changed is an error...
+RESUME_FIXED_KEYS = ("seed", "model", "lora", "tasks", "data", "train")
+# ...except these train keys, which only say how long the run goes and how it reports
+# (extending max_steps or epochs continues the same data order; the schedule follows the new
+# length from the resumed step on). output_dir, eval, checkpoint and resume may change freely.
+RESUME_FREE_TRAIN_KEYS = (
+    "max_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "progress_bar",
+    "epochs",
+)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 def run(cfg: RunConfig) -> dict:
-    """Train, evaluate and save one run; returns the final eval results."""
+    """Train, evaluate and save one run; returns the final eval results.
+
+    Resumes per ``cfg.resume``. After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``
+    without the final evaluation.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without this, each torchrun worker would train its own full copy of the run.
         raise RuntimeError(
@@ -43,6 +78,8 @@ def run(cfg: RunConfig) -> dict:
         )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Before any expensive setup, so a changed config fails in a second.
+    resume_from = choose_resume_checkpoint(cfg, out)
     (out / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.seed)
     started = time.perf_counter()
@@ -71,12 +108,25 @@ def run(cfg: RunConfig) -> dict:
         100 * trainable / total,
     )
 
+    separate_tied_frozen_parameters(model)  # after counting: a tie still holds one tensor
+
     base_results = None
     if cfg.eval.before_training:
         with model.disable_adapter():
             base_results = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
 
-    train_loop(model, tokenizer, tasks, cfg, out, device)
+    checkpointing = checkpointing_supported(model)
+    with stop_signals_caught(checkpointing) as stop_requests:
+        finished = train_loop(
+            model, tokenizer, tasks, cfg, out, device, resume_from, stop_requests, checkpointing
+        )
+    if not finished:
+        log.info(
+            "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
+            "skipped)",
+            stop_requests[0],
+        )
+        return {}
 
     final = evaluate_tasks(
         model, tokenizer, tasks, cfg, split="validation", confusion_dir=out / "confusion"
@@ -88,7 +138,22 @@ def run(cfg: RunConfig) -> dict:
     return results
 
 
-def train_loop(model, tokenizer, tasks: list[TaskData], cfg: RunConfig, out: Path, device) -> None:
+def train_loop(
+    model,
+    tokenizer,
+    tasks: list[TaskData],
+    cfg: RunConfig,
+    out: Path,
+    device,
+    resume_from: Path | None = None,
+    stop_requests: list[str] | None = None,
+    checkpointing: bool = True,
+) -> bool:
+    """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
+
+    ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty, the loop finishes
+    the current optimizer step, saves a checkpoint, logs and returns False.
+    """
     sizes = [len(t.tokenized["train"]) for t in tasks]
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
     plan = plan_batches(cfg.train, sum(sizes))
@@ -96,16 +161,33 @@ def train_loop(model, tokenizer, tasks: list[TaskData], cfg: RunConfig, out: Pat
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
+    step, first_epoch, first_position = 0, 0, 0
+    if resume_from is not None:
+        # Restores adapters, optimizer, scheduler and every RNG (LoRA dropout draws included).
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, verify=False)
+        step, first_epoch, first_position = state["step"], state["epoch"], state["epoch_position"]
+        log.info(
+            "resumed from step %d (%s): epoch %d, %d examples into it",
+            step,
+            resume_from,
+            first_epoch,
+            first_position,
+        )
+    checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
+    fixed_config = resume_fixed_config(cfg)
+    stop_requests = [] if stop_requests is None else stop_requests
     logger = JsonlLogger(out / "metrics.jsonl")
     window = _LogWindow(len(tasks), device)
     pad_id = tokenizer.pad_token_id
     model.train()
-    step = 0
     try:
         with progress_bar(plan.total_steps, cfg.train.progress_bar) as advance:
-            for epoch in range(cfg.train.epochs):
+            advance(step, "")
+            for epoch in range(first_epoch, cfg.train.epochs):
+                # A pure function of (seed, epoch): a resumed run recomputes the same order.
                 order = epoch_order(sizes, probabilities, cfg.seed, epoch)
-                for start in range(0, len(order), plan.global_batch):
+                first = first_position if epoch == first_epoch else 0
+                for start in range(first, len(order), plan.global_batch):
                     if step >= plan.total_steps:
                         break
                     chosen = [
@@ -123,24 +205,16 @@ def train_loop(model, tokenizer, tasks: list[TaskData], cfg: RunConfig, out: Pat
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     window.add(result, grad_norm)
-                    fractional_epoch = epoch + min(1.0, (start + len(chosen)) / len(order))
-                    if step % cfg.train.log_every_steps == 0 or step == plan.total_steps:
-                        record = window.flush(
-                            step, fractional_epoch, scheduler.get_last_lr()[0], tasks
-                        )
-                        logger.log(record)
-                        advance(
-                            0,
-                            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                            f"{record['tokens_per_s']:.0f} tok/s",
-                        )
-                        log.info(
-                            "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
-                            step,
-                            plan.total_steps,
-                            record["loss"],
-                            record["lr"],
-                            record["tokens_per_s"],
+                    consumed = start + len(chosen)
+                    fractional_epoch = epoch + min(1.0, consumed / len(order))
+                    stopping = bool(stop_requests)
+                    if (
+                        step % cfg.train.log_every_steps == 0
+                        or step == plan.total_steps
+                        or stopping
+                    ):
+                        _log_train_record(
+                            logger, window, advance, step, plan, fractional_epoch, scheduler, tasks
                         )
                     every = cfg.train.eval_every_steps
                     if (every and step % every == 0) or step == plan.total_steps:
@@ -156,9 +230,205 @@ def train_loop(model, tokenizer, tasks: list[TaskData], cfg: RunConfig, out: Pat
                                 window,
                             )
                         )
+                    # Saved last in the step, so its RNG state is the one the next step starts
+                    # from in an uninterrupted run.
+                    state = _train_state(step, epoch, consumed, len(order), fixed_config)
+                    if stopping or checkpoints.due(step):
+                        _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
+                        checkpoints.saved(step)
+                    if stopping:
+                        log.info("%s received: stopped at step %d", stop_requests[0], step)
+                        return False
                     advance(1, "")
+            if checkpoints.enabled and checkpoints.last_step != step:
+                _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
+        return True
     finally:
         logger.close()
+
+
+def separate_tied_frozen_parameters(model) -> None:
+    """Give each further name of a frozen tied Parameter its own Parameter over the same storage.
+
+    Workaround for the checkpointer: torch's ``get_state_dict(ignore_frozen_params=True)`` drops
+    frozen tensors by walking ``named_parameters()``, which skips the second name of a tied
+    Parameter, so a tied ``lm_head.weight`` stayed in the state dict and the checkpointer refused
+    to commit (one tensor more than the trainable ones). A separate Parameter object sharing the
+    storage is seen and dropped; memory and numerics are unchanged. Remove once the checkpointer
+    filters by ``named_parameters(remove_duplicate=False)``.
+    """
+    seen = set()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad:
+                continue
+            if id(param) in seen:
+                setattr(module, name, torch.nn.Parameter(param.detach(), requires_grad=False))
+            seen.add(id(param))
+
+
+def checkpointing_supported(model) -> bool:
+    """False, with a warning, for a model the checkpointer cannot save yet."""
+    tied = tied_trainable_names(model)
+    if tied:
+        log.warning(
+            "checkpointing is off for this run, so it cannot be resumed: trainable parameters "
+            "tied under a second name (%s; e.g. lora.modules_to_save with tied embeddings) are "
+            "not supported by the checkpointer yet",
+            ", ".join(tied),
+        )
+    return not tied
+
+
+def tied_trainable_names(model) -> list[str]:
+    """Second names of trainable Parameters (e.g. a trained embedding tied to lm_head)."""
+    first_names = {name for name, _ in model.named_parameters()}
+    return [
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad and name not in first_names
+    ]
+
+
+def _log_train_record(logger, window, advance, step, plan, epoch, scheduler, tasks) -> None:
+    record = window.flush(step, epoch, scheduler.get_last_lr()[0], tasks)
+    logger.log(record)
+    advance(
+        0,
+        f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s",
+    )
+    log.info(
+        "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+        step,
+        plan.total_steps,
+        record["loss"],
+        record["lr"],
+        record["tokens_per_s"],
+    )
+
+
+def resume_fixed_config(cfg: RunConfig) -> dict:
+    """The part of the config a resumed run must share with the run that saved the checkpoint."""
+    dumped = cfg.model_dump(mode="json")
+    fixed = {key: dumped[key] for key in RESUME_FIXED_KEYS}
+    fixed["train"] = {k: v for k, v in fixed["train"].items() if k not in RESUME_FREE_TRAIN_KEYS}
+    return fixed
+
+
+def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
+    """The step folder to resume from per ``cfg.resume``, checked against the current config."""
+    root = out / "checkpoints"
+    if cfg.resume == "never":
+        if list_committed(root):
+            log.warning("resume=never: starting over although %s holds checkpoints", root)
+        return None
+    if cfg.resume == "auto":
+        path = find_resume_checkpoint(root)
+    else:
+        path = Path(cfg.resume)
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(
+                f"resume={cfg.resume}: not a valid checkpoint: " + "; ".join(problems)
+            )
+    if path is not None:
+        check_resume_config(path, cfg)
+    return path
+
+
+def check_resume_config(path: Path, cfg: RunConfig) -> None:
+    """Raise naming every fixed key (see RESUME_FIXED_KEYS) that differs from the checkpoint's."""
+    current = resume_fixed_config(cfg)
+    if read_manifest(path).config_hash == config_hash(current):
+        return
+    saved = json.loads((path / TRAIN_STATE_FILE).read_text()).get("fixed_config")
+    changed = _differing_keys(_flatten(saved), _flatten(current)) if saved else []
+    raise CheckpointError(
+        f"cannot resume from {path}: the config changed in keys that must stay as they were "
+        f"({', '.join(changed) or 'unknown which: the checkpoint holds only a hash'}). Restore "
+        "them, or start over with resume=never or a new output_dir"
+    )
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """Dotted key -> leaf value; lists of sections (tasks) by index, other lists as leaves."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, inner in items:
+        flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _differing_keys(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+def _train_state(step: int, epoch: int, consumed: int, epoch_length: int, fixed: dict) -> dict:
+    """Where training stands after ``step``: resuming continues at ``order[epoch_position]``."""
+    if consumed >= epoch_length:
+        epoch, consumed = epoch + 1, 0
+    return {"step": step, "epoch": epoch, "epoch_position": consumed, "fixed_config": fixed}
+
+
+def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, state: dict) -> None:
+    save_checkpoint(
+        out / "checkpoints",
+        state["step"],
+        model,
+        optimizer,
+        scheduler,
+        state,
+        cfg.checkpoint.keep_last,
+        config_hash=config_hash(state["fixed_config"]),
+    )
+
+
+class _CheckpointSchedule:
+    """When the next periodic checkpoint is due: every N steps and/or every N minutes."""
+
+    def __init__(self, cfg, step: int, enabled: bool = True) -> None:
+        self.every_steps, self.every_minutes = cfg.every_steps, cfg.every_minutes
+        self.enabled = enabled
+        self.saved(step)
+
+    def saved(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        minutes = (time.monotonic() - self.last_time) / 60
+        return bool(self.every_minutes and minutes >= self.every_minutes)
+
+
+@contextlib.contextmanager
+def stop_signals_caught(enabled: bool = True):
+    """Yield a list that SIGTERM/SIGUSR1 append their name to, instead of ending the process.
+
+    The loop polls it once per optimizer step; a second signal while saving only appends again.
+    The previous handlers come back on exit. Signals can only be caught in the main thread.
+    """
+    requests: list[str] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def request_stop(signum, frame) -> None:
+        requests.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _validation_record(model, tokenizer, tasks, cfg, step, epoch, scheduler, window) -> dict:
