@@ -190,6 +190,7 @@ PINNED_KEYS = [
     "train.warmup_ratio",
     "train.micro_batch_size",
     "train.grad_accum",
+    "train.global_batch_size",
     "train.weight_decay",
     "train.max_grad_norm",
     "train.adam_betas",
@@ -203,6 +204,8 @@ PINNED_KEYS = [
     "checkpoint.every_steps",
     "checkpoint.every_minutes",
     "checkpoint.keep_last",
+    "distributed.strategy",
+    "distributed.timeout_minutes",
     "resume",
 ]
 

@@ -113,6 +113,12 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     micro_batch_size: int = Field(default=8, gt=0)
     grad_accum: int = Field(default=1, gt=0)
+    global_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Examples per optimizer step over all processes; null = micro_batch_size x "
+        "grad_accum. Accumulation per process = global / (micro x world size).",
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -121,6 +127,15 @@ class TrainConfig(Section):
         default=None, gt=0, description="Validation loss per task every N steps (and at the end)."
     )
     progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> TrainConfig:
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ValueError(
+                "set train.global_batch_size or train.grad_accum, not both: with "
+                "global_batch_size the accumulation follows from the world size"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -141,6 +156,22 @@ class CheckpointConfig(Section):
     keep_last: int = Field(default=2, ge=1, description="Committed checkpoints kept on disk.")
 
 
+class DistributedConfig(Section):
+    """Multi-process training under torchrun (ignored in a single process)."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = Field(
+        default="auto",
+        description="auto: ddp (one node) or hsdp (several) when the base fits one GPU, "
+        "else fsdp; see README.",
+    )
+    timeout_minutes: float = Field(
+        default=30.0,
+        gt=0,
+        description="Collective timeout: a lost peer becomes an error (and a torchrun restart) "
+        "after this long instead of a hang.",
+    )
+
+
 class RunConfig(Section):
     output_dir: Path = Path("runs/default")
     seed: int = 0
@@ -151,6 +182,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     resume: str = Field(
         default="auto",
         description="'auto' (newest valid checkpoint in OUTPUT_DIR/checkpoints, if any), "

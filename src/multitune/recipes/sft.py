@@ -4,6 +4,10 @@ Read top to bottom: every stage of a run is one call in ``run``, and the loop sh
 (batch, forward/backward per micro-batch, clip, optimizer step, schedule, log, checkpoint) in
 order. A run resumes exactly from a checkpoint in OUTPUT_DIR/checkpoints (see ``resume`` in the
 config), and SIGTERM/SIGUSR1 make it save and stop after the current optimizer step.
+
+Under torchrun every process runs this same function: the model is sharded or replicated per
+``distributed.strategy`` (``multitune.distributed``), each rank trains on its share of every
+global batch, and only rank 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -35,12 +38,31 @@ from multitune.config.schema import RunConfig
 from multitune.data.batching import collate
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
+from multitune.distributed.batches import (
+    global_answer_tokens,
+    rank_micro_batches,
+    rank_share,
+    sum_step_results,
+)
+from multitune.distributed.process_group import (
+    DistContext,
+    any_rank,
+    destroy_distributed,
+    init_distributed,
+    local_rank_zero_first,
+)
+from multitune.distributed.strategy import (
+    apply_strategy,
+    choose_strategy,
+    frozen_bytes,
+    full_trainable_state,
+)
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
-from multitune.models.loading import load_model_and_tokenizer, pick_device
+from multitune.models.loading import load_model_and_tokenizer
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
-from multitune.tracking.jsonl import JsonlLogger
+from multitune.tracking.jsonl import JsonlLogger, NullLogger
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
 from multitune.training.state import plan_batches, seed_everything
@@ -68,30 +90,38 @@ def run(cfg: RunConfig) -> dict:
     """Train, evaluate and save one run; returns the final eval results.
 
     Resumes per ``cfg.resume``. After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``
-    without the final evaluation.
+    without the final evaluation. Under torchrun, call it in every process.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without this, each torchrun worker would train its own full copy of the run.
-        raise RuntimeError(
-            "multi-process training (torchrun with WORLD_SIZE > 1) is not implemented yet; "
-            "run `multitune train` as one process"
-        )
+    ctx = init_distributed(cfg.distributed)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        destroy_distributed(ctx)
+
+
+def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
     resume_from = choose_resume_checkpoint(cfg, out)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    if ctx.is_main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+    # The same seed on every rank: replicated LoRA weights must start equal.
     seed_everything(cfg.seed)
     started = time.perf_counter()
 
-    tasks = load_tasks(cfg)
-    device = pick_device()
-    model, tokenizer = load_model_and_tokenizer(cfg.model, training_corpus(tasks), cfg.seed, device)
+    device = ctx.device
+    with local_rank_zero_first(ctx):  # hub downloads once per node
+        tasks = load_tasks(cfg)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, training_corpus(tasks), cfg.seed, device
+        )
     tokenize_tasks(tasks, tokenizer, cfg)
-    (out / "data_report.json").write_text(
-        json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
-    )
-    if cfg.model.name == TINY_MODEL_NAME:
+    if ctx.is_main:
+        (out / "data_report.json").write_text(
+            json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
+        )
+    if cfg.model.name == TINY_MODEL_NAME and ctx.is_main:
         # The built-in base exists nowhere else; keep it so the adapter can be reloaded.
         model.save_pretrained(out / "base_model")
         tokenizer.save_pretrained(out / "base_model")
@@ -108,8 +138,18 @@ def run(cfg: RunConfig) -> dict:
         100 * trainable / total,
     )
 
+    if ctx.initialized:
+        base_bytes = frozen_bytes(model)  # before the tie is separated below
     separate_tied_frozen_parameters(model)  # after counting: a tie still holds one tensor
+    if ctx.initialized:
+        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
+        log.info("distributed strategy %s (%s)", strategy, why)
+        apply_strategy(model, strategy, ctx)
+        # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
+        seed_everything(cfg.seed + ctx.rank)
 
+    # Evaluation runs on every rank in lockstep over the same examples (sharded layers
+    # all-gather in each forward, so all ranks must run the same forwards); rank 0 writes.
     base_results = None
     if cfg.eval.before_training:
         with model.disable_adapter():
@@ -118,20 +158,36 @@ def run(cfg: RunConfig) -> dict:
     checkpointing = checkpointing_supported(model)
     with stop_signals_caught(checkpointing) as stop_requests:
         finished = train_loop(
-            model, tokenizer, tasks, cfg, out, device, resume_from, stop_requests, checkpointing
+            model,
+            tokenizer,
+            tasks,
+            cfg,
+            out,
+            device,
+            resume_from,
+            stop_requests,
+            checkpointing,
+            ctx,
         )
     if not finished:
         log.info(
-            "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
-            "skipped)",
-            stop_requests[0],
+            "stopped by a signal after saving a checkpoint; run again to resume (final "
+            "evaluation skipped)"
         )
         return {}
 
     final = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", confusion_dir=out / "confusion"
+        model,
+        tokenizer,
+        tasks,
+        cfg,
+        split="validation",
+        confusion_dir=out / "confusion" if ctx.is_main else None,
     )
-    save_adapter(model, tokenizer, out / "adapter", out / "base_model")
+    adapter_state = full_trainable_state(model) if ctx.initialized else None  # collective
+    if not ctx.is_main:
+        return {}
+    save_adapter(model, tokenizer, out / "adapter", out / "base_model", adapter_state)
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
@@ -148,15 +204,17 @@ def train_loop(
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
+    ctx: DistContext | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
-    ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty, the loop finishes
-    the current optimizer step, saves a checkpoint, logs and returns False.
+    ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty (on any rank), the
+    loop finishes the current optimizer step, saves a checkpoint, logs and returns False.
     """
+    ctx = ctx or DistContext(device=device)
     sizes = [len(t.tokenized["train"]) for t in tasks]
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
-    plan = plan_batches(cfg.train, sum(sizes))
+    plan = plan_batches(cfg.train, sum(sizes), ctx.world_size)
     log.info("batch plan: %s", plan.describe())
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     optimizer = build_optimizer(model, cfg.train)
@@ -176,12 +234,13 @@ def train_loop(
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
     fixed_config = resume_fixed_config(cfg)
     stop_requests = [] if stop_requests is None else stop_requests
-    logger = JsonlLogger(out / "metrics.jsonl")
+    logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else NullLogger()
     window = _LogWindow(len(tasks), device)
     pad_id = tokenizer.pad_token_id
     model.train()
     try:
-        with progress_bar(plan.total_steps, cfg.train.progress_bar) as advance:
+        show_progress = cfg.train.progress_bar and ctx.is_main
+        with progress_bar(plan.total_steps, show_progress) as advance:
             advance(step, "")
             for epoch in range(first_epoch, cfg.train.epochs):
                 # A pure function of (seed, epoch): a resumed run recomputes the same order.
@@ -194,11 +253,22 @@ def train_loop(
                         tasks[t].tokenized["train"][i]
                         for t, i in order[start : start + plan.global_batch]
                     ]
-                    micro_batches = [
-                        collate(chosen[i : i + plan.micro_batch_size], pad_id)
-                        for i in range(0, len(chosen), plan.micro_batch_size)
-                    ]
-                    result = accumulate_gradients(model, micro_batches, loss_weights, len(tasks))
+                    # This rank's share of the global batch (all of it in one process).
+                    micro_batches = rank_micro_batches(
+                        chosen, ctx, plan.micro_batch_size, lambda rows: collate(rows, pad_id)
+                    )
+                    if log.isEnabledFor(logging.DEBUG):
+                        mine = rank_share(
+                            order[start : start + len(chosen)], ctx.rank, ctx.world_size
+                        )
+                        log.debug("step %d rank %d examples %s", step + 1, ctx.rank, list(mine))
+                    window_tokens = (
+                        global_answer_tokens(ctx, micro_batches) if ctx.initialized else None
+                    )
+                    result = accumulate_gradients(
+                        model, micro_batches, loss_weights, len(tasks), window_tokens
+                    )
+                    result = sum_step_results(ctx, result)
                     grad_norm = clip_and_check(model, cfg.train.max_grad_norm, step)
                     optimizer.step()
                     scheduler.step()
@@ -207,7 +277,10 @@ def train_loop(
                     window.add(result, grad_norm)
                     consumed = start + len(chosen)
                     fractional_epoch = epoch + min(1.0, consumed / len(order))
-                    stopping = bool(stop_requests)
+                    # Every rank must take these decisions together (collectives follow).
+                    stopping, checkpoint_due = any_rank(
+                        ctx, bool(stop_requests), checkpoints.due(step)
+                    )
                     if (
                         step % cfg.train.log_every_steps == 0
                         or step == plan.total_steps
@@ -233,11 +306,12 @@ def train_loop(
                     # Saved last in the step, so its RNG state is the one the next step starts
                     # from in an uninterrupted run.
                     state = _train_state(step, epoch, consumed, len(order), fixed_config)
-                    if stopping or checkpoints.due(step):
+                    if stopping or checkpoint_due:
                         _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
                         checkpoints.saved(step)
                     if stopping:
-                        log.info("%s received: stopped at step %d", stop_requests[0], step)
+                        signal_name = stop_requests[0] if stop_requests else "a stop signal"
+                        log.info("%s received: stopped at step %d", signal_name, step)
                         return False
                     advance(1, "")
             if checkpoints.enabled and checkpoints.last_step != step:
@@ -498,9 +572,12 @@ class _LogWindow:
         return record
 
 
-def save_adapter(model, tokenizer, path: Path, saved_base: Path) -> None:
-    """A standard PEFT adapter folder plus the tokenizer."""
-    model.save_pretrained(path)
+def save_adapter(
+    model, tokenizer, path: Path, saved_base: Path, state_dict: dict | None = None
+) -> None:
+    """A standard PEFT adapter folder plus the tokenizer; ``state_dict``: the gathered whole
+    trainable tensors of a sharded model (the model's own are DTensor shards)."""
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if saved_base.is_dir():
         # Point the adapter at the saved built-in base, so AutoPeftModel can load it.
