@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import small_config_dict
 
 from multitune.config import ConfigError, validate_config
 from multitune.config.schema import TrainConfig
@@ -12,7 +13,6 @@ from multitune.distributed.batches import rank_micro_batches, rank_share
 from multitune.distributed.process_group import DistContext, launched_by_torchrun
 from multitune.distributed.strategy import choose_strategy
 from multitune.training.state import plan_batches
-from tests.conftest import small_config_dict
 
 
 @pytest.mark.parametrize(("world", "accum"), [(1, 12), (2, 6), (3, 4), (12, 1)])
