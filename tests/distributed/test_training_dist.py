@@ -84,7 +84,9 @@ def start(argv: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def torchrun_argv(config: Path, nproc: int, *args: str, nnodes: int = 1, port: int) -> list:
+def torchrun_argv(
+    config: Path, nproc: int, *args: str, nnodes: int = 1, port: int, debug: bool = False
+) -> list:
     rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     return [
         sys.executable,
@@ -102,7 +104,7 @@ def torchrun_argv(config: Path, nproc: int, *args: str, nnodes: int = 1, port: i
         *args,
         "-m",
         "multitune",
-        "--debug",  # the per-rank example trace is a DEBUG record
+        *(["--debug"] if debug else []),  # the per-rank example trace is a DEBUG record
         "train",
         str(config),
     ]
@@ -118,8 +120,7 @@ def wait(procs: list[subprocess.Popen], log: Path, timeout: float = 400) -> str:
         codes = [proc.wait(timeout=timeout) for proc in procs]
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
     output = log.read_text()
     assert codes == [0] * len(procs), _tail(output)
     return output
@@ -150,19 +151,23 @@ def trained_examples(output: str) -> list[tuple[int, tuple[int, int]]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
-    """One process, no torchrun: per-step losses and the final adapter."""
+def reference(tmp_path_factory) -> tuple[dict[int, float], dict[str, torch.Tensor], dict]:
+    """One process, no torchrun: per-step losses, the final adapter, the final evaluation."""
     from multitune.recipes import sft
 
     out = tmp_path_factory.mktemp("reference") / "run"
     sft.run(validate_config(run_config(out)))
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses, adapter(out)
+    return losses, adapter(out), eval_results(out)
+
+
+def eval_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "eval_results.json").read_text())
 
 
 def assert_matches_reference(output_dir: Path, reference, steps=range(1, STEPS + 1)) -> None:
-    ref_losses, ref_adapter = reference
+    ref_losses, ref_adapter, ref_eval = reference
     losses = train_losses(output_dir)
     for step in steps:
         assert losses[step] == pytest.approx(ref_losses[step], rel=LOSS_RTOL), step
@@ -172,6 +177,11 @@ def assert_matches_reference(output_dir: Path, reference, steps=range(1, STEPS +
     assert worst <= ADAPTER_ATOL, worst
     # A real difference from the untrained adapter: the comparison is not trivially true.
     assert max(t.abs().max().item() for n, t in trained.items() if "lora_B" in n) > 1e-3
+    # The final evaluation, run by every rank in lockstep, scores like one process.
+    for task, expected in ref_eval["tasks"].items():
+        scored = eval_results(output_dir)["tasks"][task]
+        assert scored["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL), task
+        assert scored["accuracy"] == expected["accuracy"], task
 
 
 @pytest.mark.parametrize("strategy", ["hsdp", "fsdp"])
@@ -179,7 +189,9 @@ def test_two_agents_on_localhost_match_one_process(tmp_path, reference, strategy
     # Two torchrun agents meet through a c10d rendezvous, as two nodes of a cluster would, with
     # 2 processes each: hsdp shards within an agent and replicates across; fsdp shards over 4.
     out = tmp_path / "run"
-    config = write_config(run_config(out), tmp_path / "config.yaml")
+    data = run_config(out)
+    data["eval"]["before_training"] = strategy == "fsdp"  # the base model, sharded, once
+    config = write_config(data, tmp_path / "config.yaml")
     log, port = tmp_path / "agents.log", free_port()
     argv = torchrun_argv(config, 2, nnodes=2, port=port) + [f"distributed.strategy={strategy}"]
     output = wait([start(argv, log), start(argv, log)], log)
@@ -190,6 +202,12 @@ def test_two_agents_on_localhost_match_one_process(tmp_path, reference, strategy
     # Rank 0 alone writes outputs: one train record per step, not one per rank.
     assert list(train_losses(out)) == list(range(1, STEPS + 1))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == STEPS + 1  # + validation
+    if strategy == "fsdp":
+        base = eval_results(out)["base"]["tasks"]
+        assert set(base) == set(reference[2]["tasks"])
+        after = eval_results(out)["tasks"]
+        # Scored with the adapter disabled: the base model's own, finite losses.
+        assert all(0 < base[t]["loss"] != pytest.approx(after[t]["loss"]) for t in base)
 
 
 def test_ddp_on_two_processes_then_resumed_on_one_sees_every_example_once(tmp_path, reference):
@@ -198,7 +216,7 @@ def test_ddp_on_two_processes_then_resumed_on_one_sees_every_example_once(tmp_pa
     out = tmp_path / "run"
     config = write_config(run_config(out), tmp_path / "config.yaml")
     log = tmp_path / "run.log"
-    first = torchrun_argv(config, 2, port=free_port())
+    first = torchrun_argv(config, 2, port=free_port(), debug=True)
     first += ["distributed.strategy=ddp", "train.max_steps=2"]
     output = wait([start(first, log)], log)
     assert "distributed strategy ddp" in output
@@ -232,7 +250,7 @@ def test_killed_worker_is_restarted_and_the_half_written_checkpoint_ignored(tmp_
     try:
         partial, committed = freeze_and_kill_during_save(agent, out / "checkpoints", log)
     except BaseException:
-        os.killpg(agent.pid, signal.SIGKILL)
+        kill_tree(agent)
         raise
     output = wait([agent], log)
     last = max(committed)
@@ -268,6 +286,15 @@ def freeze_and_kill_during_save(agent, root: Path, log: Path) -> tuple[Path, lis
         for pid in workers:  # committed meanwhile: let it go on to the next save
             os.kill(pid, signal.SIGCONT)
     pytest.fail("no save was caught before its commit")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a torchrun agent that is still running, and its workers (in sessions of their own)."""
+    if proc.poll() is None:
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def child_pids(pid: int) -> list[int]:

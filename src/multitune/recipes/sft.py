@@ -171,8 +171,9 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         )
     if not finished:
         log.info(
-            "stopped by a signal after saving a checkpoint; run again to resume (final "
-            "evaluation skipped)"
+            "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
+            "skipped)",
+            stop_requests[0] if stop_requests else "a signal to another rank",
         )
         return {}
 
