@@ -9,9 +9,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from multitune.data.batching import collate, left_pad
-from multitune.data.formatting import TokenizedExample, chat_pieces
+from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
-from multitune.losses.causal_lm import next_token_targets, token_losses
+from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
 
@@ -150,6 +150,56 @@ def choice_letters(
             ]
             predictions[example.example_index] = int(logits[row, ids].argmax())
     return predictions
+
+
+@torch.no_grad()
+def choice_text_scores(
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    choice_texts: dict[int, tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    pad_id: int,
+) -> dict[int, list[float]]:
+    """Length-normalised log-likelihood of each choice's full text as the answer.
+
+    Each choice text is appended to the question's prompt (tokenized as the answer content would
+    be) and scored by the mean log-prob of its tokens, so long choices are not penalised for
+    their length. Every (question, choice) pair is one row; rows of similar length are batched,
+    ``batch_size`` rows per forward pass. Returns example index -> one score per choice.
+    """
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    rows = []
+    for example in examples:
+        prompt = example.input_ids[: example.prompt_length]
+        for choice, text in enumerate(choice_texts[example.example_index]):
+            answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+            labels = [IGNORE_INDEX] * len(prompt) + answer
+            rows.append(
+                (
+                    example.example_index,
+                    choice,
+                    TokenizedExample(
+                        prompt + answer, labels, len(prompt), 0, example.example_index, False
+                    ),
+                )
+            )
+    scores = {e.example_index: [0.0] * len(choice_texts[e.example_index]) for e in examples}
+    rows.sort(key=lambda row: len(row[2].input_ids), reverse=True)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        tensors = collate([row[2] for row in batch], pad_id)
+        hidden = decoder(
+            input_ids=tensors["input_ids"].to(device),
+            attention_mask=tensors["attention_mask"].to(device),
+        ).last_hidden_state
+        targets = next_token_targets(tensors["labels"]).to(device)
+        logprobs = token_logprobs(hidden, head, targets).sum(-1)
+        counts = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+        for (index, choice, _), value in zip(batch, (logprobs / counts).tolist()):
+            scores[index][choice] = value
+    return scores
 
 
 @torch.no_grad()

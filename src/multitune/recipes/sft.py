@@ -37,6 +37,7 @@ from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
+from multitune.evaluation.validation import TrainingEvaluation
 from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
@@ -57,7 +58,6 @@ RESUME_FIXED_KEYS = ("seed", "model", "lora", "tasks", "data", "train")
 RESUME_FREE_TRAIN_KEYS = (
     "max_steps",
     "log_every_steps",
-    "eval_every_steps",
     "progress_bar",
     "epochs",
 )
@@ -116,9 +116,25 @@ def run(cfg: RunConfig) -> dict:
             base_results = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
 
     checkpointing = checkpointing_supported(model)
+    evaluation = TrainingEvaluation(
+        cfg,
+        tasks,
+        out,
+        save=lambda path: save_adapter(model, tokenizer, path, out / "base_model"),
+        resumed=resume_from is not None,
+    )
     with stop_signals_caught(checkpointing) as stop_requests:
         finished = train_loop(
-            model, tokenizer, tasks, cfg, out, device, resume_from, stop_requests, checkpointing
+            model,
+            tokenizer,
+            tasks,
+            cfg,
+            out,
+            device,
+            resume_from,
+            stop_requests,
+            checkpointing,
+            evaluation,
         )
     if not finished:
         log.info(
@@ -128,7 +144,8 @@ def run(cfg: RunConfig) -> dict:
         )
         return {}
 
-    final = evaluate_tasks(
+    # The loop's evaluation at the last step is the final one (none when resumed at the end).
+    final = evaluation.final_results or evaluate_tasks(
         model, tokenizer, tasks, cfg, split="validation", confusion_dir=out / "confusion"
     )
     save_adapter(model, tokenizer, out / "adapter", out / "base_model")
@@ -148,11 +165,14 @@ def train_loop(
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
+    evaluation: TrainingEvaluation | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
     ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty, the loop finishes
-    the current optimizer step, saves a checkpoint, logs and returns False.
+    the current optimizer step, saves a checkpoint, logs and returns False. ``evaluation``
+    scores the validation split every ``eval.every_steps`` and at the last step, and keeps
+    OUTPUT_DIR/best/ (None: no evaluation during training).
     """
     sizes = [len(t.tokenized["train"]) for t in tasks]
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
@@ -216,18 +236,16 @@ def train_loop(
                         _log_train_record(
                             logger, window, advance, step, plan, fractional_epoch, scheduler, tasks
                         )
-                    every = cfg.train.eval_every_steps
-                    if (every and step % every == 0) or step == plan.total_steps:
+                    if evaluation is not None and evaluation.due(step, plan.total_steps):
                         logger.log(
-                            _validation_record(
+                            evaluation.run(
                                 model,
                                 tokenizer,
-                                tasks,
-                                cfg,
                                 step,
+                                plan.total_steps,
                                 fractional_epoch,
-                                scheduler,
-                                window,
+                                scheduler.get_last_lr()[0],
+                                window.last_tokens_per_s,
                             )
                         )
                     # Saved last in the step, so its RNG state is the one the next step starts
@@ -429,25 +447,6 @@ def stop_signals_caught(enabled: bool = True):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _validation_record(model, tokenizer, tasks, cfg, step, epoch, scheduler, window) -> dict:
-    results = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", with_predictions=False
-    )
-    losses = [r["loss"] * r["n"] for r in results.values()]
-    record = {
-        "step": step,
-        "epoch": round(epoch, 4),
-        "split": "validation",
-        "loss": sum(losses) / sum(r["n"] for r in results.values()),
-        "lr": scheduler.get_last_lr()[0],
-        "tokens_per_s": window.last_tokens_per_s,
-    }
-    for name, values in results.items():
-        record[f"task/{name}/loss"] = values["loss"]
-        record[f"task/{name}/perplexity"] = values["perplexity"]
-    return record
 
 
 class _LogWindow:
