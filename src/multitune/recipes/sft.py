@@ -41,6 +41,7 @@ from multitune.evaluation.validation import TrainingEvaluation
 from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
+from multitune.preflight.registry import check_preflight
 from multitune.tracking.jsonl import JsonlLogger
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
@@ -76,6 +77,7 @@ def run(cfg: RunConfig) -> dict:
             "multi-process training (torchrun with WORLD_SIZE > 1) is not implemented yet; "
             "run `multitune train` as one process"
         )
+    check_preflight(cfg)  # tokens, hub access, disk, launch: all failures before any loading
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
