@@ -92,9 +92,10 @@ def test_choice_text_scores_equal_a_direct_per_choice_mean_log_prob(tiny_tokeniz
         e.example_index: ("fridge", "a very long garage door", "oven")[: 2 + e.example_index % 2]
         for e in examples
     }
-    # 3 rows a batch: pairs of different questions and lengths share a padded batch.
+    # About 7 choice rows a pass: 2 questions of different lengths (left-padded prompts) and
+    # different numbers of choices share each pass; the last question goes alone.
     fast = choice_text_scores(
-        model, examples, texts, tiny_tokenizer, 3, tiny_tokenizer.pad_token_id
+        model, examples, texts, tiny_tokenizer, 7, tiny_tokenizer.pad_token_id
     )
     assert sorted(fast) == [e.example_index for e in examples]
     for e in examples:
