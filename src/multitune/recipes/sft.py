@@ -87,6 +87,15 @@ def run(cfg: RunConfig) -> dict:
     started = time.perf_counter()
 
     tasks = load_tasks(cfg)
+    # Checks eval.best_metric against the tasks' metrics now, before the model loads. ``save``
+    # reads ``model`` when called, so it saves the LoRA-wrapped model of the loop.
+    evaluation = TrainingEvaluation(
+        cfg,
+        tasks,
+        out,
+        save=lambda path: save_adapter(model, tokenizer, path, out / "base_model"),
+        resumed=resume_from is not None,
+    )
     device = pick_device()
     model, tokenizer = load_model_and_tokenizer(cfg.model, training_corpus(tasks), cfg.seed, device)
     tokenize_tasks(tasks, tokenizer, cfg)
@@ -118,13 +127,6 @@ def run(cfg: RunConfig) -> dict:
             base_results = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
 
     checkpointing = checkpointing_supported(model)
-    evaluation = TrainingEvaluation(
-        cfg,
-        tasks,
-        out,
-        save=lambda path: save_adapter(model, tokenizer, path, out / "base_model"),
-        resumed=resume_from is not None,
-    )
     with stop_signals_caught(checkpointing) as stop_requests:
         finished = train_loop(
             model,
