@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
+import datasets
 from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -58,7 +59,7 @@ def repos_in_offline_cache(repos: list[tuple[str, str, str | None]]) -> list[str
             )
         else:
             hub_folder = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
-            datasets_folder = Path(constants.HF_HOME) / "datasets" / repo_id.replace("/", "___")
+            datasets_folder = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
             cached = hub_folder.is_dir() or datasets_folder.is_dir()
         if not cached:
             failures.append(
