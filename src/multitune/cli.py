@@ -13,6 +13,7 @@ from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
 from multitune.export.command import add_export_arguments, cmd_export
 from multitune.planning import add_plan_arguments, cmd_plan
+from multitune.preflight.command import cmd_preflight
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(plan)
     add_plan_arguments(plan)
+
+    preflight = commands.add_parser(
+        "preflight", help="check hub access, tokens, disk and launch before loading anything"
+    )
+    _config_args(preflight)
 
     launch = commands.add_parser(
         "launch", help="run `train` under torchrun on this node (SLURM, runpod or one node)"
@@ -99,6 +105,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "eval": cmd_eval,
     "plan": cmd_plan,
+    "preflight": cmd_preflight,
     "launch": cmd_launch,
     "export": cmd_export,
 }

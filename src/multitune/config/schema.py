@@ -123,9 +123,6 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     log_every_steps: int = Field(default=10, gt=0)
-    eval_every_steps: int | None = Field(
-        default=None, gt=0, description="Validation loss per task every N steps (and at the end)."
-    )
     progress_bar: bool = True
 
     @model_validator(mode="after")
@@ -143,6 +140,38 @@ class EvalConfig(Section):
     max_examples: int | None = Field(default=None, gt=0, description="Per task, bounds cost.")
     before_training: bool = Field(default=True, description="Score the base model too.")
     max_new_tokens: int = Field(default=64, gt=0)
+    every_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Full per-task evaluation on the validation split every N optimizer steps "
+        "during training (always once at the end).",
+    )
+    best_metric: str = Field(
+        default="loss",
+        description="Keeps OUTPUT_DIR/best/ by this key of the validation record: 'loss' (all "
+        "tasks), 'task/<task>/<metric>', or 'mean/<metric>' (mean over the tasks reporting it).",
+    )
+    best_mode: Literal["max", "min"] | None = Field(
+        default=None,
+        description="Whether a higher or lower best_metric is better; unset = 'min' for loss and "
+        "perplexity, 'max' for every other metric.",
+    )
+
+    @model_validator(mode="after")
+    def _best_metric_shape(self) -> EvalConfig:
+        metric = self.best_metric
+        parts = metric.split("/")
+        valid = (
+            metric == "loss"
+            or (len(parts) == 2 and parts[0] == "mean" and parts[1])
+            or (len(parts) >= 3 and parts[0] == "task" and parts[-1] and "/".join(parts[1:-1]))
+        )
+        if not valid:
+            raise ValueError(
+                f"eval.best_metric {metric!r} must be 'loss', 'task/<task>/<metric>' or "
+                "'mean/<metric>' (e.g. task/banking77/accuracy, mean/accuracy)"
+            )
+        return self
 
 
 class CheckpointConfig(Section):
@@ -195,4 +224,17 @@ class RunConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _best_metric_names_a_task(self) -> RunConfig:
+        metric = self.eval.best_metric
+        if metric.startswith("task/"):
+            task = "/".join(metric.split("/")[1:-1])
+            names = [t.name for t in self.tasks if t.name]
+            if names and task not in names:
+                raise ValueError(
+                    f"eval.best_metric {metric!r} names no task of this config; tasks: "
+                    f"{', '.join(names)}"
+                )
         return self

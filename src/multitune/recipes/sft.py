@@ -59,9 +59,11 @@ from multitune.distributed.strategy import (
 )
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
+from multitune.evaluation.validation import TrainingEvaluation
 from multitune.models.loading import load_model_and_tokenizer
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
+from multitune.preflight.registry import check_preflight
 from multitune.tracking.jsonl import JsonlLogger, NullLogger
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
@@ -79,7 +81,6 @@ RESUME_FIXED_KEYS = ("seed", "model", "lora", "tasks", "data", "train")
 RESUME_FREE_TRAIN_KEYS = (
     "max_steps",
     "log_every_steps",
-    "eval_every_steps",
     "progress_bar",
     "epochs",
 )
@@ -92,6 +93,7 @@ def run(cfg: RunConfig) -> dict:
     Resumes per ``cfg.resume``. After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``
     without the final evaluation. Under torchrun, call it in every process.
     """
+    check_preflight(cfg)  # tokens, hub access, disk, launch: all failures before any loading
     ctx = init_distributed(cfg.distributed)
     try:
         return _run(cfg, ctx)
@@ -113,6 +115,16 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     device = ctx.device
     with local_rank_zero_first(ctx):  # hub downloads once per node
         tasks = load_tasks(cfg)
+        # Checks eval.best_metric against the tasks' metrics now, before the model loads.
+        # ``save`` reads ``model`` when called, so it saves the LoRA-wrapped model of the loop.
+        evaluation = TrainingEvaluation(
+            cfg,
+            tasks,
+            out,
+            save=lambda path: save_adapter_from_all_ranks(model, tokenizer, path, out, ctx),
+            resumed=resume_from is not None,
+            is_main=ctx.is_main,
+        )
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, training_corpus(tasks), cfg.seed, device
         )
@@ -168,6 +180,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             stop_requests,
             checkpointing,
             ctx,
+            evaluation,
         )
     if not finished:
         log.info(
@@ -177,7 +190,8 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         )
         return {}
 
-    final = evaluate_tasks(
+    # The loop's evaluation at the last step is the final one (none when resumed at the end).
+    final = evaluation.final_results or evaluate_tasks(
         model,
         tokenizer,
         tasks,
@@ -185,10 +199,9 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         split="validation",
         confusion_dir=out / "confusion" if ctx.is_main else None,
     )
-    adapter_state = full_trainable_state(model) if ctx.initialized else None  # collective
+    save_adapter_from_all_ranks(model, tokenizer, out / "adapter", out, ctx)
     if not ctx.is_main:
         return {}
-    save_adapter(model, tokenizer, out / "adapter", out / "base_model", adapter_state)
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
@@ -206,11 +219,14 @@ def train_loop(
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
     ctx: DistContext | None = None,
+    evaluation: TrainingEvaluation | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
     ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty (on any rank), the
     loop finishes the current optimizer step, saves a checkpoint, logs and returns False.
+    ``evaluation`` scores the validation split every ``eval.every_steps`` and at the last step,
+    and keeps OUTPUT_DIR/best/ (None: no evaluation during training).
     """
     ctx = ctx or DistContext(device=device)
     sizes = [len(t.tokenized["train"]) for t in tasks]
@@ -290,18 +306,16 @@ def train_loop(
                         _log_train_record(
                             logger, window, advance, step, plan, fractional_epoch, scheduler, tasks
                         )
-                    every = cfg.train.eval_every_steps
-                    if (every and step % every == 0) or step == plan.total_steps:
+                    if evaluation is not None and evaluation.due(step, plan.total_steps):
                         logger.log(
-                            _validation_record(
+                            evaluation.run(
                                 model,
                                 tokenizer,
-                                tasks,
-                                cfg,
                                 step,
+                                plan.total_steps,
                                 fractional_epoch,
-                                scheduler,
-                                window,
+                                scheduler.get_last_lr()[0],
+                                window.last_tokens_per_s,
                             )
                         )
                     # Saved last in the step, so its RNG state is the one the next step starts
@@ -506,25 +520,6 @@ def stop_signals_caught(enabled: bool = True):
             signal.signal(sig, handler)
 
 
-def _validation_record(model, tokenizer, tasks, cfg, step, epoch, scheduler, window) -> dict:
-    results = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", with_predictions=False
-    )
-    losses = [r["loss"] * r["n"] for r in results.values()]
-    record = {
-        "step": step,
-        "epoch": round(epoch, 4),
-        "split": "validation",
-        "loss": sum(losses) / sum(r["n"] for r in results.values()),
-        "lr": scheduler.get_last_lr()[0],
-        "tokens_per_s": window.last_tokens_per_s,
-    }
-    for name, values in results.items():
-        record[f"task/{name}/loss"] = values["loss"]
-        record[f"task/{name}/perplexity"] = values["perplexity"]
-    return record
-
-
 class _LogWindow:
     """Training figures summed on device between log events (no per-step host sync)."""
 
@@ -571,6 +566,14 @@ class _LogWindow:
                 record[f"task/{task.spec.name}/loss"] = total / count
         self._reset()
         return record
+
+
+def save_adapter_from_all_ranks(model, tokenizer, path: Path, out: Path, ctx: DistContext) -> None:
+    """Call on every rank: gathers a sharded model's whole trainable tensors (a collective),
+    then rank 0 writes the adapter folder."""
+    state = full_trainable_state(model) if ctx.initialized else None
+    if ctx.is_main:
+        save_adapter(model, tokenizer, path, out / "base_model", state)
 
 
 def save_adapter(
