@@ -152,19 +152,24 @@ def test_disk_and_launch_checks():
     torchrun = {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
     assert checks.launch_consistent(torchrun, 8, 2, global_batch_size=128, cuda_devices=4) == []
     assert checks.launch_consistent({}, 8, 2, global_batch_size=16) == []
-    assert checks.launch_consistent({**torchrun, "WORLD_SIZE": "6"}, 8, 2) == [
+    assert checks.launch_consistent({**torchrun, "WORLD_SIZE": "6"}, 8, 2, 96) == [
         "WORLD_SIZE=6 is not a whole number of nodes of LOCAL_WORLD_SIZE=4"
     ]
-    assert checks.launch_consistent({**torchrun, "RANK": "8"}, 8, 2) == [
+    assert checks.launch_consistent({**torchrun, "RANK": "8"}, 8, 2, 128) == [
         "RANK=8 is not below WORLD_SIZE=8"
     ]
-    [gpus] = checks.launch_consistent(torchrun, 8, 2, cuda_devices=2)
+    [gpus] = checks.launch_consistent(torchrun, 8, 2, 128, cuda_devices=2)
     assert gpus.startswith("LOCAL_WORLD_SIZE=4 processes on this node but only 2 CUDA devices")
-    [batch] = checks.launch_consistent(torchrun, 8, 2, global_batch_size=64)
+    # The global batch stays fixed and the accumulation adapts, so any multiple of 8 x 8 fits.
+    assert checks.launch_consistent(torchrun, 8, 2, global_batch_size=64) == []
+    [batch] = checks.launch_consistent(torchrun, 8, 2, global_batch_size=96)
     assert batch == (
-        "the configured global batch 64 is not train.micro_batch_size 8 x train.grad_accum 2 x "
-        "WORLD_SIZE 8 = 128"
+        "the global batch 96 (train.global_batch_size) is not a multiple of "
+        "train.micro_batch_size 8 x WORLD_SIZE 8 = 64; set train.global_batch_size to a "
+        "multiple of it"
     )
+    [batch] = checks.launch_consistent(torchrun, 8, 2)
+    assert batch.startswith("the global batch 16 (train.micro_batch_size x train.grad_accum)")
     assert checks.launch_consistent({"WORLD_SIZE": "two"}, 8, 1) == [
         "WORLD_SIZE='two' is not a non-negative integer"
     ]
@@ -186,13 +191,14 @@ def test_cli_lists_every_failure_at_once(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(registry, "DISK_MARGIN_BYTES", 10**18)  # a disk that is too small
     assert main(["preflight", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "preflight found 5 problem(s); nothing was started:" in err
+    assert "preflight found 6 problem(s); nothing was started:" in err
     for expected in (
         "HF_TOKEN is invalid (the Hub answered 401)",
         f"model {GATED} is gated and the account of HF_TOKEN has no access yet",
         "W&B tracking is online but no API key is set",
         "not enough free disk for",
         "WORLD_SIZE=3 is not a whole number of nodes of LOCAL_WORLD_SIZE=2",
+        "x WORLD_SIZE 3 = ",  # the global batch does not split into whole micro-batches
     ):
         assert expected in err
     assert "public/data" not in err  # readable: no failure for it

@@ -213,10 +213,19 @@ def launch_consistent(
             f"LOCAL_WORLD_SIZE={local_world} processes on this node but only {cuda_devices} "
             "CUDA devices are visible (check --nproc-per-node and CUDA_VISIBLE_DEVICES)"
         )
-    actual = micro_batch_size * grad_accum * world
-    if global_batch_size is not None and global_batch_size != actual:
+    # The rule of training.state.plan_batches: the global batch is fixed by the config and each
+    # process runs whole micro-batches of it, so it must divide by micro x WORLD_SIZE.
+    global_batch = global_batch_size or micro_batch_size * grad_accum
+    per_step = micro_batch_size * world
+    if global_batch % per_step:
+        source = (
+            "train.global_batch_size"
+            if global_batch_size
+            else "train.micro_batch_size x train.grad_accum"
+        )
         failures.append(
-            f"the configured global batch {global_batch_size} is not train.micro_batch_size "
-            f"{micro_batch_size} x train.grad_accum {grad_accum} x WORLD_SIZE {world} = {actual}"
+            f"the global batch {global_batch} ({source}) is not a multiple of "
+            f"train.micro_batch_size {micro_batch_size} x WORLD_SIZE {world} = {per_step}; set "
+            "train.global_batch_size to a multiple of it"
         )
     return failures
