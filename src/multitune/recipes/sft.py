@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,6 +140,47 @@ def run(cfg: RunConfig) -> dict:
     return results
 
 
+@dataclass
+class TrainingData:
+    """What one training stage feeds the loop; SFT's is ``sft_training_data``, DPO's in dpo.py.
+
+    ``epoch_items(epoch)`` is the epoch's ordered items (a pure function of the seed and epoch, so
+    a resumed run recomputes it); ``window_step(model, micro_batches)`` runs forward/backward over
+    one accumulation window and returns what ``new_log_window()``'s ``add`` sums for logging;
+    ``fixed_config`` is what a checkpoint of this stage may only be resumed with.
+    """
+
+    num_examples: int
+    epoch_items: Callable[[int], list]
+    window_step: Callable[[torch.nn.Module, list[list]], object]
+    new_log_window: Callable[[], object]
+    fixed_config: dict
+
+
+def sft_training_data(tokenizer, tasks: list[TaskData], cfg: RunConfig, device) -> TrainingData:
+    """The mixed multi-task examples, with token-exact SFT accumulation."""
+    sizes = [len(t.tokenized["train"]) for t in tasks]
+    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
+    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
+    pad_id = tokenizer.pad_token_id
+
+    def epoch_items(epoch: int) -> list:
+        order = epoch_order(sizes, probabilities, cfg.seed, epoch)
+        return [tasks[t].tokenized["train"][i] for t, i in order]
+
+    def window_step(model, micro_batches):
+        batches = [collate(examples, pad_id) for examples in micro_batches]
+        return accumulate_gradients(model, batches, loss_weights, len(tasks))
+
+    return TrainingData(
+        sum(sizes),
+        epoch_items,
+        window_step,
+        lambda: _LogWindow(len(tasks), device),
+        resume_fixed_config(cfg),
+    )
+
+
 def train_loop(
     model,
     tokenizer,
@@ -148,17 +191,17 @@ def train_loop(
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
+    data: TrainingData | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
     ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty, the loop finishes
-    the current optimizer step, saves a checkpoint, logs and returns False.
+    the current optimizer step, saves a checkpoint, logs and returns False. ``data`` is the
+    stage's items and window step (default: SFT on the tasks' training examples).
     """
-    sizes = [len(t.tokenized["train"]) for t in tasks]
-    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
-    plan = plan_batches(cfg.train, sum(sizes))
+    data = data or sft_training_data(tokenizer, tasks, cfg, device)
+    plan = plan_batches(cfg.train, data.num_examples)
     log.info("batch plan: %s", plan.describe())
-    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     step, first_epoch, first_position = 0, 0, 0
@@ -174,31 +217,27 @@ def train_loop(
             first_position,
         )
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
-    fixed_config = resume_fixed_config(cfg)
+    fixed_config = data.fixed_config
     stop_requests = [] if stop_requests is None else stop_requests
     logger = JsonlLogger(out / "metrics.jsonl")
-    window = _LogWindow(len(tasks), device)
-    pad_id = tokenizer.pad_token_id
+    window = data.new_log_window()
     model.train()
     try:
         with progress_bar(plan.total_steps, cfg.train.progress_bar) as advance:
             advance(step, "")
             for epoch in range(first_epoch, cfg.train.epochs):
                 # A pure function of (seed, epoch): a resumed run recomputes the same order.
-                order = epoch_order(sizes, probabilities, cfg.seed, epoch)
+                order = data.epoch_items(epoch)
                 first = first_position if epoch == first_epoch else 0
                 for start in range(first, len(order), plan.global_batch):
                     if step >= plan.total_steps:
                         break
-                    chosen = [
-                        tasks[t].tokenized["train"][i]
-                        for t, i in order[start : start + plan.global_batch]
-                    ]
+                    chosen = order[start : start + plan.global_batch]
                     micro_batches = [
-                        collate(chosen[i : i + plan.micro_batch_size], pad_id)
+                        chosen[i : i + plan.micro_batch_size]
                         for i in range(0, len(chosen), plan.micro_batch_size)
                     ]
-                    result = accumulate_gradients(model, micro_batches, loss_weights, len(tasks))
+                    result = data.window_step(model, micro_batches)
                     grad_norm = clip_and_check(model, cfg.train.max_grad_norm, step)
                     optimizer.step()
                     scheduler.step()
@@ -315,8 +354,9 @@ def resume_fixed_config(cfg: RunConfig) -> dict:
     return fixed
 
 
-def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
-    """The step folder to resume from per ``cfg.resume``, checked against the current config."""
+def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = None) -> Path | None:
+    """The step folder to resume from per ``cfg.resume``, checked against the current config
+    (``fixed``: the stage's fixed config, default ``resume_fixed_config(cfg)``)."""
     root = out / "checkpoints"
     if cfg.resume == "never":
         if list_committed(root):
@@ -332,13 +372,13 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
                 f"resume={cfg.resume}: not a valid checkpoint: " + "; ".join(problems)
             )
     if path is not None:
-        check_resume_config(path, cfg)
+        check_resume_config(path, cfg, fixed)
     return path
 
 
-def check_resume_config(path: Path, cfg: RunConfig) -> None:
+def check_resume_config(path: Path, cfg: RunConfig, fixed: dict | None = None) -> None:
     """Raise naming every fixed key (see RESUME_FIXED_KEYS) that differs from the checkpoint's."""
-    current = resume_fixed_config(cfg)
+    current = fixed if fixed is not None else resume_fixed_config(cfg)
     if read_manifest(path).config_hash == config_hash(current):
         return
     saved = json.loads((path / TRAIN_STATE_FILE).read_text()).get("fixed_config")
