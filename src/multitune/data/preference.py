@@ -296,28 +296,40 @@ def tokenize_pairs(
 
     A pair is dropped when either answer does not fit ``data.max_seq_len`` even with the prompt
     cut (the answer itself is never cut, so no pair is trained on a truncated completion), or
-    when both answers tokenize to the same ids.
+    when both answers tokenize to the same ids. When the prompt must be cut, both answers get
+    the same cut prompt (the longer answer sets the budget).
     """
     template_kwargs = {"date_string": cfg.data.template_date}
+
+    def tokenize(answer: str, max_seq_len: int, index: int):
+        example = _with_answer(list(pair.prompt), answer)
+        return tokenize_example(example, tokenizer, max_seq_len, template_kwargs, 0, index)
+
     kept, dropped = [], Counter()
     for pair in pairs:
-        sides = [
-            tokenize_example(
-                _with_answer(list(pair.prompt), answer),
-                tokenizer,
-                cfg.data.max_seq_len,
-                template_kwargs,
-                example_index=len(kept),
-            )
-            for answer in (pair.chosen, pair.rejected)
-        ]
+        sides = [tokenize(a, cfg.data.max_seq_len, len(kept)) for a in (pair.chosen, pair.rejected)]
         reasons = [s for s in sides if isinstance(s, str)]
         if reasons:
             dropped[reasons[0]] += 1
-        elif sides[0].input_ids == sides[1].input_ids:
+            continue
+        chosen, rejected = sides
+        if chosen.input_ids[: chosen.prompt_length] != rejected.input_ids[: rejected.prompt_length]:
+            # The longer answer forced a deeper prompt cut; give the shorter one the same prompt
+            # budget, so both answers are scored after the same prompt.
+            answer_chosen = len(chosen.input_ids) - chosen.prompt_length
+            answer_rejected = len(rejected.input_ids) - rejected.prompt_length
+            budget = cfg.data.max_seq_len - abs(answer_chosen - answer_rejected)
+            if answer_chosen < answer_rejected:
+                chosen = tokenize(pair.chosen, budget, len(kept))
+            else:
+                rejected = tokenize(pair.rejected, budget, len(kept))
+            if isinstance(chosen, str) or isinstance(rejected, str):
+                dropped["prompt_too_long"] += 1
+                continue
+        if chosen.input_ids == rejected.input_ids:
             dropped["identical_tokens"] += 1
         else:
-            kept.append(TokenizedPair(sides[0], sides[1], len(kept)))
+            kept.append(TokenizedPair(chosen, rejected, len(kept)))
     return kept, dropped
 
 
