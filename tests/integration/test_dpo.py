@@ -179,3 +179,24 @@ def test_dpo_from_a_preference_dataset_in_ultrafeedback_layout(tmp_path, dpo_run
     results = json.loads((out / "eval_results.json").read_text())
     assert results["adapter"] == str(sft_out / "adapter")
     assert results["dpo"]["preference"]["n"] == 60
+
+
+def test_resumed_dpo_ends_with_the_adapter_of_an_uninterrupted_run(tmp_path, dpo_run):
+    _, sft_out = dpo_run
+    adapters = {}
+    for name, stops in (("whole", [None]), ("resumed", [1, None])):
+        data = dpo_config(tmp_path / name, max_pairs=8)
+        data["dpo"]["train"].update({"scheduler": "constant", "warmup_ratio": 0.0})
+        data["eval"].update({"before_training": False, "max_examples": 4})
+        for max_steps in stops:
+            data["dpo"]["train"]["max_steps"] = max_steps
+            config = write_config(data, tmp_path / f"{name}.yaml")
+            assert main(["dpo", str(config), "--adapter", str(sft_out / "adapter")]) == 0
+        adapters[name] = load_file(
+            tmp_path / name / "dpo" / "adapter" / "adapter_model.safetensors"
+        )
+        steps = [r["step"] for r in records(tmp_path / name) if r["split"] == "train"]
+        assert steps == [1, 2, 3], steps  # the second run went on from step 1, not from 0
+    assert adapters["whole"].keys() == adapters["resumed"].keys()
+    for key, tensor in adapters["whole"].items():
+        assert torch.equal(tensor, adapters["resumed"][key]), key
