@@ -116,3 +116,22 @@ def test_a_qlora_checkpoint_holds_only_the_adapters_and_restores_them(tiny_token
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.equal(param, restored[name]), name
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda(tiny_tokenizer):
+    cuda = torch.device("cuda")
+    cfg = ModelConfig(tiny=TinyModelConfig(size="nano"), quantization="nf4")
+    full = build_tiny_model(cfg.tiny, tiny_tokenizer, seed=0)
+    model = apply_lora(quantize_in_memory_model(full, cfg, cuda), LoraConfig(r=8, alpha=16))
+    packed = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert packed and all(m.weight.device.type == "cuda" for m in packed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = [collate(examples_of_different_lengths(len(tiny_tokenizer)), 0)]
+    losses = []
+    for _ in range(8):
+        losses.append(accumulate_gradients(model, batch, torch.ones(2, device=cuda), 2).loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.8 * losses[0], losses
