@@ -51,13 +51,3 @@ def preference_loss(
         chosen_rewards=(beta * (policy_chosen - reference_chosen)).detach(),
         rejected_rewards=(beta * (policy_rejected - reference_rejected)).detach(),
     )
-
-
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
-    """Means over pairs, as tensors (no host sync): rewards/chosen, /rejected, /margin, /accuracy."""
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-    }

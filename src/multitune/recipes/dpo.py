@@ -30,7 +30,6 @@ from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
-from multitune.losses.dpo import reward_metrics
 from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.recipes.sft import (
     RESUME_FREE_TRAIN_KEYS,
@@ -56,9 +55,11 @@ def stage_config(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.dpo.train})
 
 
-def dpo_fixed_config(cfg: RunConfig) -> dict:
-    """A DPO checkpoint resumes only with the same model/data/tasks, dpo.train and dpo keys."""
+def dpo_fixed_config(cfg: RunConfig, adapter: Path) -> dict:
+    """A DPO checkpoint resumes only with the same model/data/tasks, dpo.train and dpo keys, and
+    the same starting adapter (by content)."""
     fixed = resume_fixed_config(stage_config(cfg))
+    fixed["start_adapter"] = adapter_fingerprint(adapter)
     dpo = cfg.dpo.model_dump(mode="json")
     dpo["train"] = {k: v for k, v in dpo["train"].items() if k not in RESUME_FREE_TRAIN_KEYS}
     fixed["dpo"] = dpo
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
     out = Path(cfg.output_dir)
     stage_dir = out / STAGE_DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
-    fixed = dpo_fixed_config(cfg)
+    fixed = dpo_fixed_config(cfg, adapter)
     resume_from = choose_resume_checkpoint(cfg, stage_dir, fixed)
     seed_everything(cfg.seed)
     started = time.perf_counter()
@@ -325,8 +326,13 @@ class PreferenceLogWindow:
     def flush(self, step: int, epoch: float, lr: float, tasks) -> dict:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.last_tokens_per_s = self.input_tokens / elapsed
-        means = reward_metrics(self.chosen / self.pairs, self.rejected / self.pairs)
-        means["rewards/accuracy"] = self.correct / self.pairs
+        chosen, rejected = self.chosen / self.pairs, self.rejected / self.pairs
+        means = {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margin": chosen - rejected,
+            "rewards/accuracy": self.correct / self.pairs,
+        }
         record = {
             "step": step,
             "epoch": round(epoch, 4),
