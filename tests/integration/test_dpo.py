@@ -154,6 +154,13 @@ def test_rerun_reuses_the_reference_cache_and_the_final_checkpoint(dpo_run, capl
         assert torch.equal(tensor, again[name]), name
 
 
+def test_resuming_dpo_with_a_changed_dpo_key_is_an_error(dpo_run, capsys):
+    config, out = dpo_run
+    args = ["dpo", str(config), "--adapter", str(out / "adapter"), "dpo.beta=0.5"]
+    assert main(args) == 2
+    assert "dpo.beta" in capsys.readouterr().err
+
+
 def test_dpo_from_a_preference_dataset_in_ultrafeedback_layout(tmp_path, dpo_run):
     _, sft_out = dpo_run
     data = dpo_config(
