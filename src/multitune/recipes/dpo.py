@@ -51,8 +51,16 @@ REFERENCE_CACHE = "reference_logprobs.pt"
 
 
 def stage_config(cfg: RunConfig) -> RunConfig:
-    """The run config as the shared loop sees it during DPO: ``train`` = ``dpo.train``."""
-    return cfg.model_copy(update={"train": cfg.dpo.train})
+    """The run config as the shared loop sees it during DPO: ``train`` = ``dpo.train``.
+
+    ``resume`` set to a step folder applies to the stage whose checkpoints hold it; for a folder
+    of the SFT stage, DPO resumes ``auto``.
+    """
+    resume = cfg.resume
+    own = (Path(cfg.output_dir) / STAGE_DIR / "checkpoints").resolve()
+    if resume not in ("auto", "never") and Path(resume).resolve().parent != own:
+        resume = "auto"
+    return cfg.model_copy(update={"train": cfg.dpo.train, "resume": resume})
 
 
 def dpo_fixed_config(cfg: RunConfig, adapter: Path) -> dict:
@@ -77,7 +85,7 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
     stage_dir = out / STAGE_DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
     fixed = dpo_fixed_config(cfg, adapter)
-    resume_from = choose_resume_checkpoint(cfg, stage_dir, fixed)
+    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed)
     seed_everything(cfg.seed)
     started = time.perf_counter()
 
