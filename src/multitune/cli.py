@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
+    dpo = commands.add_parser("dpo", help="DPO from an SFT adapter, then evaluate")
+    _config_args(dpo)
+    dpo.add_argument("--adapter", type=Path, required=True, help="the SFT adapter folder")
+
     validate = commands.add_parser("validate", help="check a config without loading a model")
     _config_args(validate)
 
@@ -70,7 +74,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from multitune.recipes import sft  # heavy imports only when training
 
-    sft.run(cfg)
+    if "dpo" in cfg.stages:
+        from multitune.recipes import dpo
+
+        dpo.refuse_multi_process()  # before SFT, not after hours of it
+    results = sft.run(cfg)
+    if "dpo" in cfg.stages and results:  # {} = stopped by a signal: resume SFT first
+        dpo.run(cfg, Path(cfg.output_dir) / "adapter", previous=results)
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from multitune.recipes import dpo
+
+    dpo.run(cfg, args.adapter)
     return 0
 
 
@@ -102,6 +120,7 @@ def _quiet_library_progress_bars() -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "dpo": cmd_dpo,
     "validate": cmd_validate,
     "eval": cmd_eval,
     "plan": cmd_plan,

@@ -38,6 +38,16 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        default="none",
+        description="Hold the frozen base in 4-bit NF4 (QLoRA, double quantization, bf16 "
+        "compute) or 8-bit, with bitsandbytes; LoRA adapters stay in full precision.",
+    )
+    quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = Field(
+        default="bfloat16",
+        description="dtype the packed 4-bit weights are stored in; a float dtype lets FSDP "
+        "shard them (uint8 is refused under FSDP: it trains silently to NaN).",
+    )
 
 
 class LoraConfig(Section):
@@ -135,6 +145,46 @@ class TrainConfig(Section):
         return self
 
 
+class DpoConfig(Section):
+    """The DPO stage (``stages: [sft, dpo]`` or ``multitune dpo``): preference pairs and loss."""
+
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1, lr=5e-5, warmup_ratio=0.1),
+        description="The DPO stage's own train settings (same keys as the top-level train).",
+    )
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull to the reference.")
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Sigmoid loss only: assumed label noise (cDPO)."
+    )
+    sft_weight: float = Field(
+        default=0.0, ge=0, description="Weight of an SFT (NLL) term on the chosen answer."
+    )
+    negatives: Literal["mined", "random"] = Field(
+        default="mined",
+        description="Pairs from tasks: the model's highest-scoring wrong answer, or a random one.",
+    )
+    dataset: str | None = Field(
+        default=None, description="A preference dataset (prompt/chosen/rejected): hub id or path."
+    )
+    split: str = "train"
+    test_split: str | None = Field(
+        default=None, description="Held-out pairs; unset = data.validation_fraction of split."
+    )
+    tasks: list[str] | None = Field(
+        default=None,
+        description="Tasks to build pairs from; unset = every classification and multiple-choice "
+        "task when dpo.dataset is unset, none otherwise.",
+    )
+    max_pairs: int | None = Field(default=None, gt=0, description="Per source, training pairs.")
+
+    @model_validator(mode="after")
+    def _ipo_no_smoothing(self) -> DpoConfig:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("dpo.label_smoothing applies to loss: sigmoid only")
+        return self
+
+
 class EvalConfig(Section):
     batch_size: int = Field(default=16, gt=0)
     max_examples: int | None = Field(default=None, gt=0, description="Per task, bounds cost.")
@@ -212,6 +262,10 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    stages: list[Literal["sft", "dpo"]] = Field(
+        default_factory=lambda: ["sft"], description="[sft], or [sft, dpo] to align after SFT."
+    )
+    dpo: DpoConfig = DpoConfig()
     resume: str = Field(
         default="auto",
         description="'auto' (newest valid checkpoint in OUTPUT_DIR/checkpoints, if any), "
@@ -237,4 +291,13 @@ class RunConfig(Section):
                     f"eval.best_metric {metric!r} names no task of this config; tasks: "
                     f"{', '.join(names)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> RunConfig:
+        if self.stages not in (["sft"], ["sft", "dpo"]):
+            raise ValueError(
+                f"stages must be [sft] or [sft, dpo], not {self.stages}; to run DPO alone from "
+                "an adapter use `multitune dpo CONFIG --adapter PATH`"
+            )
         return self

@@ -18,6 +18,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -208,6 +210,56 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     return results
 
 
+@dataclass
+class TrainingData:
+    """What one training stage feeds the loop; SFT's is ``sft_training_data``, DPO's in dpo.py.
+
+    ``epoch_items(epoch)`` is the epoch's ordered items (a pure function of the seed and epoch, so
+    a resumed run recomputes it); ``collate(items)`` makes one micro-batch of them;
+    ``window_step(model, micro_batches)`` runs forward/backward over this rank's micro-batches of
+    one accumulation window and returns what ``new_log_window()``'s ``add`` sums for logging;
+    ``fixed_config`` is what a checkpoint of this stage may only be resumed with.
+    """
+
+    num_examples: int
+    epoch_items: Callable[[int], list]
+    collate: Callable[[list], object]
+    window_step: Callable[[torch.nn.Module, list], object]
+    new_log_window: Callable[[], object]
+    fixed_config: dict
+
+
+def sft_training_data(
+    tokenizer, tasks: list[TaskData], cfg: RunConfig, device, ctx: DistContext
+) -> TrainingData:
+    """The mixed multi-task examples, with token-exact SFT accumulation over all ranks."""
+    sizes = [len(t.tokenized["train"]) for t in tasks]
+    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
+    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
+    pad_id = tokenizer.pad_token_id
+
+    def epoch_items(epoch: int) -> list:
+        return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
+
+    def collate_ids(ids) -> dict:
+        return collate([tasks[t].tokenized["train"][i] for t, i in ids], pad_id)
+
+    def window_step(model, batches):
+        # Every rank divides by the answer tokens of the whole global batch.
+        window_tokens = global_answer_tokens(ctx, batches) if ctx.initialized else None
+        result = accumulate_gradients(model, batches, loss_weights, len(tasks), window_tokens)
+        return sum_step_results(ctx, result)
+
+    return TrainingData(
+        sum(sizes),
+        epoch_items,
+        collate_ids,
+        window_step,
+        lambda: _LogWindow(len(tasks), device),
+        resume_fixed_config(cfg),
+    )
+
+
 def train_loop(
     model,
     tokenizer,
@@ -220,20 +272,20 @@ def train_loop(
     checkpointing: bool = True,
     ctx: DistContext | None = None,
     evaluation: TrainingEvaluation | None = None,
+    data: TrainingData | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
     ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty (on any rank), the
     loop finishes the current optimizer step, saves a checkpoint, logs and returns False.
     ``evaluation`` scores the validation split every ``eval.every_steps`` and at the last step,
-    and keeps OUTPUT_DIR/best/ (None: no evaluation during training).
+    and keeps OUTPUT_DIR/best/ (None: no evaluation during training). ``data`` is the stage's
+    items and window step (default: SFT on the tasks' training examples).
     """
     ctx = ctx or DistContext(device=device)
-    sizes = [len(t.tokenized["train"]) for t in tasks]
-    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
-    plan = plan_batches(cfg.train, sum(sizes), ctx.world_size)
+    data = data or sft_training_data(tokenizer, tasks, cfg, device, ctx)
+    plan = plan_batches(cfg.train, data.num_examples, ctx.world_size)
     log.info("batch plan: %s", plan.describe())
-    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     step, first_epoch, first_position = 0, 0, 0
@@ -249,11 +301,10 @@ def train_loop(
             first_position,
         )
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
-    fixed_config = resume_fixed_config(cfg)
+    fixed_config = data.fixed_config
     stop_requests = [] if stop_requests is None else stop_requests
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else NullLogger()
-    window = _LogWindow(len(tasks), device)
-    pad_id = tokenizer.pad_token_id
+    window = data.new_log_window()
     model.train()
     try:
         show_progress = cfg.train.progress_bar and ctx.is_main
@@ -261,31 +312,20 @@ def train_loop(
             advance(step, "")
             for epoch in range(first_epoch, cfg.train.epochs):
                 # A pure function of (seed, epoch): a resumed run recomputes the same order.
-                order = epoch_order(sizes, probabilities, cfg.seed, epoch)
+                order = data.epoch_items(epoch)
                 first = first_position if epoch == first_epoch else 0
                 for start in range(first, len(order), plan.global_batch):
                     if step >= plan.total_steps:
                         break
-                    chosen = [
-                        tasks[t].tokenized["train"][i]
-                        for t, i in order[start : start + plan.global_batch]
-                    ]
+                    chosen = order[start : start + plan.global_batch]
                     # This rank's share of the global batch (all of it in one process).
                     micro_batches = rank_micro_batches(
-                        chosen, ctx, plan.micro_batch_size, lambda rows: collate(rows, pad_id)
+                        chosen, ctx, plan.micro_batch_size, data.collate
                     )
                     if log.isEnabledFor(logging.DEBUG):
-                        mine = rank_share(
-                            order[start : start + len(chosen)], ctx.rank, ctx.world_size
-                        )
+                        mine = rank_share(chosen, ctx.rank, ctx.world_size)
                         log.debug("step %d rank %d examples %s", step + 1, ctx.rank, list(mine))
-                    window_tokens = (
-                        global_answer_tokens(ctx, micro_batches) if ctx.initialized else None
-                    )
-                    result = accumulate_gradients(
-                        model, micro_batches, loss_weights, len(tasks), window_tokens
-                    )
-                    result = sum_step_results(ctx, result)
+                    result = data.window_step(model, micro_batches)
                     grad_norm = clip_and_check(model, cfg.train.max_grad_norm, step)
                     optimizer.step()
                     scheduler.step()
@@ -404,8 +444,9 @@ def resume_fixed_config(cfg: RunConfig) -> dict:
     return fixed
 
 
-def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
-    """The step folder to resume from per ``cfg.resume``, checked against the current config."""
+def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = None) -> Path | None:
+    """The step folder to resume from per ``cfg.resume``, checked against the current config
+    (``fixed``: the stage's fixed config, default ``resume_fixed_config(cfg)``)."""
     root = out / "checkpoints"
     if cfg.resume == "never":
         if list_committed(root):
@@ -421,13 +462,13 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
                 f"resume={cfg.resume}: not a valid checkpoint: " + "; ".join(problems)
             )
     if path is not None:
-        check_resume_config(path, cfg)
+        check_resume_config(path, cfg, fixed)
     return path
 
 
-def check_resume_config(path: Path, cfg: RunConfig) -> None:
+def check_resume_config(path: Path, cfg: RunConfig, fixed: dict | None = None) -> None:
     """Raise naming every fixed key (see RESUME_FIXED_KEYS) that differs from the checkpoint's."""
-    current = resume_fixed_config(cfg)
+    current = fixed if fixed is not None else resume_fixed_config(cfg)
     if read_manifest(path).config_hash == config_hash(current):
         return
     saved = json.loads((path / TRAIN_STATE_FILE).read_text()).get("fixed_config")
