@@ -7,10 +7,15 @@ import torch
 from tests.unit.test_training import examples_of_different_lengths
 
 from multitune.config import validate_config
-from multitune.config.schema import LoraConfig, ModelConfig, TinyModelConfig
+from multitune.config.schema import (
+    LoraConfig,
+    ModelConfig,
+    TinyModelConfig,
+    check_quantization_for_sharding,
+)
 from multitune.data.batching import collate
 from multitune.models.lora import apply_lora
-from multitune.models.quantization import check_quantization_for_sharding, quantize_in_memory_model
+from multitune.models.quantization import quantize_in_memory_model
 from multitune.models.tiny import build_tiny_model
 from multitune.training.step import accumulate_gradients
 
@@ -82,6 +87,15 @@ def test_uint8_quant_storage_is_refused_for_sharding():
     check_quantization_for_sharding(ModelConfig(quantization="nf4"))
     with pytest.raises(ValueError, match="model.quant_storage=uint8 cannot be sharded by FSDP"):
         check_quantization_for_sharding(ModelConfig(quantization="nf4", quant_storage="uint8"))
+    # At config load when the strategy is explicit (auto is checked once it has chosen).
+    data = {
+        "tasks": [{"preset": "banking77"}],
+        "model": {"quantization": "nf4", "quant_storage": "uint8"},
+        "distributed": {"strategy": "fsdp"},
+    }
+    with pytest.raises(ValueError, match="model.quant_storage=uint8 cannot be sharded by FSDP"):
+        validate_config(data)
+    validate_config({**data, "distributed": {"strategy": "ddp"}})
 
 
 def test_unknown_quantization_is_a_config_error(tmp_path):

@@ -251,6 +251,15 @@ class DistributedConfig(Section):
     )
 
 
+def check_quantization_for_sharding(cfg: ModelConfig) -> None:
+    """Refuse 4-bit weights packed in uint8 under FSDP: sharding them trains silently to NaN."""
+    if cfg.quantization == "nf4" and cfg.quant_storage == "uint8":
+        raise ValueError(
+            "model.quant_storage=uint8 cannot be sharded by FSDP (training turns to NaN without "
+            "an error); set model.quant_storage: bfloat16 (the default)"
+        )
+
+
 class RunConfig(Section):
     output_dir: Path = Path("runs/default")
     seed: int = 0
@@ -291,6 +300,13 @@ class RunConfig(Section):
                     f"eval.best_metric {metric!r} names no task of this config; tasks: "
                     f"{', '.join(names)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_quantization_storage(self) -> RunConfig:
+        # auto may still pick fsdp/hsdp at launch; sft.run checks again after choosing.
+        if self.distributed.strategy in ("fsdp", "hsdp"):
+            check_quantization_for_sharding(self.model)
         return self
 
     @model_validator(mode="after")

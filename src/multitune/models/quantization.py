@@ -53,12 +53,3 @@ def quantize_in_memory_model(model: PreTrainedModel, cfg: ModelConfig, device) -
             dtype=model.dtype,
             device_map={"": device},
         )
-
-
-def check_quantization_for_sharding(cfg: ModelConfig) -> None:
-    """Refuse 4-bit weights packed in uint8 under FSDP: sharding them trains silently to NaN."""
-    if cfg.quantization == "nf4" and cfg.quant_storage == "uint8":
-        raise ValueError(
-            "model.quant_storage=uint8 cannot be sharded by FSDP (training turns to NaN without "
-            "an error); set model.quant_storage: bfloat16 (the default)"
-        )

@@ -36,7 +36,7 @@ from multitune.checkpoint import (
 )
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
 from multitune.config.loader import dump_config
-from multitune.config.schema import RunConfig
+from multitune.config.schema import RunConfig, check_quantization_for_sharding
 from multitune.data.batching import collate
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
@@ -158,6 +158,8 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     if ctx.initialized:
         strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
         log.info("distributed strategy %s (%s)", strategy, why)
+        if strategy in ("fsdp", "hsdp"):
+            check_quantization_for_sharding(cfg.model)
         apply_strategy(model, strategy, ctx)
         # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
         seed_everything(cfg.seed + ctx.rank)
