@@ -67,6 +67,8 @@ def worker_env() -> dict:
         "MKL_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        # What `multitune launch` sets: a fresh rendezvous store for each restart attempt.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
 
 
