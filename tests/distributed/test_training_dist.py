@@ -5,8 +5,8 @@ Run shape: 3 tasks of 10 rows, 25 training examples, global batch 8 of micro-bat
 an epoch is 4 optimizer steps and the last one holds a single example (at world size 2 one rank
 has nothing of it and runs a zero-gradient filler). Per process the accumulation is 8 / (2 x
 world): 4 in one process, 2 in two, 1 in four. LoRA dropout is 0, so 1 and N processes draw the
-same numbers; what differs is only the summation order (measured: losses within 2e-7, adapter
-tensors within 3e-7 absolute), hence the stated tolerances.
+same numbers; what differs is only the summation order (measured: losses within 8e-8
+relative, adapter tensors within 5e-7 absolute), hence the stated tolerances.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def worker_env() -> dict:
         "MKL_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        # What `multitune launch` sets: a fresh rendezvous store for each restart attempt.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
 
 

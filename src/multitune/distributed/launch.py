@@ -264,6 +264,10 @@ def run_launch(argv: Sequence[str], dry_run: bool) -> int:
         print(shlex.join(argv))
         return 0
     executable = _torchrun_executable() if argv[0] == "torchrun" else argv[0]
+    # By default torchrun keeps one TCP store across restarts of the worker group, and the
+    # restarted workers can read the previous attempt's peer addresses from it (seen here as
+    # gloo "Connection refused" after `--max-restarts`); a fresh store per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
