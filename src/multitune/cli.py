@@ -11,6 +11,7 @@ from pathlib import Path
 
 from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
+from multitune.doctor import cmd_doctor
 from multitune.export.command import add_export_arguments, cmd_export
 from multitune.planning import add_plan_arguments, cmd_plan
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="merge the adapter into its base and/or write GGUF")
     add_export_arguments(export)
+
+    commands.add_parser(
+        "doctor", help="versions, device, C++ ops or their fallback (and why), flash-attn"
+    )
     return parser
 
 
@@ -101,6 +106,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "launch": cmd_launch,
     "export": cmd_export,
+    "doctor": cmd_doctor,
 }
 
 

@@ -96,6 +96,11 @@ class TaskConfig(Section):
 
 class DataConfig(Section):
     max_seq_len: int = Field(default=1024, ge=16)
+    packing: bool = Field(
+        default=True,
+        description="Pack each micro-batch's examples into as few rows of max_seq_len as fit, "
+        "each example attending only to itself (no padding).",
+    )
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     mixing: Literal["proportional", "temperature", "weights"] = "proportional"
     temperature: float = Field(default=1.0, gt=0)
@@ -121,6 +126,10 @@ class TrainConfig(Section):
         default=None, gt=0, description="Validation loss per task every N steps (and at the end)."
     )
     progress_bar: bool = True
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the decoder for training; pays off on long runs only.",
+    )
 
 
 class EvalConfig(Section):

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from multitune.data.batching import collate, left_pad
 from multitune.data.formatting import TokenizedExample, chat_pieces
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
-from multitune.losses.causal_lm import next_token_targets, token_losses
+from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
 
@@ -37,8 +37,9 @@ def answer_loss(
         hidden = decoder(
             input_ids=tensors["input_ids"].to(device),
             attention_mask=tensors["attention_mask"].to(device),
+            use_cache=False,
         ).last_hidden_state
-        targets = next_token_targets(tensors["labels"]).to(device)
+        targets = next_token_targets(tensors["labels"]).to(device)  # the fused op, as in training
         total += token_losses(hidden, head, targets).sum().item()
         count += int((targets != -100).sum())
     loss = total / count
@@ -136,19 +137,34 @@ def choice_letters(
     Reads the next-token distribution at the answer position and compares the first token of
     each letter; no generation. Returns example index -> choice index.
     """
+    decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     predictions = {}
     for batch in by_length(examples, batch_size):
-        out, _, _ = _prompt_forward(
-            model, [e.input_ids[: e.prompt_length] for e in batch], pad_id, device
-        )
-        logits = out.logits[:, -1, :].float()
+        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+        last = decoder(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            # Left padding: positions count real tokens only, as they did in training.
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=False,
+        ).last_hidden_state[:, -1]
+        # Each letter's log-probability at the answer position through the fused op: one
+        # hidden row per (question, letter), never the [batch, vocab] logits.
+        rows, letter_ids = [], []
         for row, example in enumerate(batch):
-            letters = candidates[example.example_index]
-            ids = [
-                tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in letters
-            ]
-            predictions[example.example_index] = int(logits[row, ids].argmax())
+            for letter in candidates[example.example_index]:
+                rows.append(row)
+                letter_ids.append(tokenizer(letter, add_special_tokens=False)["input_ids"][0])
+        scores = token_logprobs(
+            last[rows].unsqueeze(0), head, torch.tensor([letter_ids], device=device)
+        )[0].tolist()
+        start = 0
+        for example in batch:
+            count = len(candidates[example.example_index])
+            choice_scores = scores[start : start + count]
+            predictions[example.example_index] = choice_scores.index(max(choice_scores))
+            start += count
     return predictions
 
 

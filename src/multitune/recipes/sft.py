@@ -32,8 +32,8 @@ from multitune.checkpoint import (
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
 from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig
-from multitune.data.batching import collate
 from multitune.data.mixing import epoch_order, task_probabilities
+from multitune.data.packing import micro_batches as step_micro_batches
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
@@ -41,6 +41,7 @@ from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.tracking.jsonl import JsonlLogger
+from multitune.training.compile import compiled_decoder
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
 from multitune.training.state import plan_batches, seed_everything
@@ -179,6 +180,7 @@ def train_loop(
     logger = JsonlLogger(out / "metrics.jsonl")
     window = _LogWindow(len(tasks), device)
     pad_id = tokenizer.pad_token_id
+    decoder = compiled_decoder(model, cfg.train.compile)
     model.train()
     try:
         with progress_bar(plan.total_steps, cfg.train.progress_bar) as advance:
@@ -194,11 +196,12 @@ def train_loop(
                         tasks[t].tokenized["train"][i]
                         for t, i in order[start : start + plan.global_batch]
                     ]
-                    micro_batches = [
-                        collate(chosen[i : i + plan.micro_batch_size], pad_id)
-                        for i in range(0, len(chosen), plan.micro_batch_size)
-                    ]
-                    result = accumulate_gradients(model, micro_batches, loss_weights, len(tasks))
+                    micro_batches = step_micro_batches(
+                        chosen, plan.micro_batch_size, pad_id, cfg.data, cfg.seed
+                    )
+                    result = accumulate_gradients(
+                        model, micro_batches, loss_weights, len(tasks), decoder
+                    )
                     grad_norm = clip_and_check(model, cfg.train.max_grad_norm, step)
                     optimizer.step()
                     scheduler.step()
