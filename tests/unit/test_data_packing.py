@@ -46,12 +46,14 @@ def per_example_losses(model, batch, one_row=False):
 
 
 @pytest.mark.parametrize(
-    ("attention", "one_row"), [("sdpa", False), ("eager", False), ("sdpa", True)]
+    ("attention", "one_row"),
+    [("sdpa", False), ("eager", False), ("sdpa", True)],
 )
 def test_packed_row_losses_and_gradients_equal_each_example_alone(
     tiny_tokenizer, attention, one_row
 ):
-    """one_row: the rows end to end, the layout flash-attention's varlen path gets on CUDA."""
+    """one_row: the rows end to end with varlen borders, as flash-attention gets them on CUDA
+    (here sdpa isolates the examples of that one row by its block mask)."""
     model = lora_model(tiny_tokenizer)
     model.config._attn_implementation = attention
     examples = examples_of_different_lengths(len(tiny_tokenizer))
