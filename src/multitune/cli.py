@@ -11,6 +11,7 @@ from pathlib import Path
 
 from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
+from multitune.doctor import cmd_doctor
 from multitune.export.command import add_export_arguments, cmd_export
 from multitune.planning import add_plan_arguments, cmd_plan
 from multitune.preflight.command import cmd_preflight
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="merge the adapter into its base and/or write GGUF")
     add_export_arguments(export)
+
+    commands.add_parser(
+        "doctor", help="versions, device, C++ ops or their fallback (and why), flash-attn"
+    )
     return parser
 
 
@@ -127,6 +132,7 @@ COMMANDS = {
     "preflight": cmd_preflight,
     "launch": cmd_launch,
     "export": cmd_export,
+    "doctor": cmd_doctor,
 }
 
 

@@ -79,6 +79,39 @@ def test_token_losses_equal_plain_cross_entropy_over_full_logits(tiny_tokenizer)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("modules_to_save", [[], ["embed_tokens"]])
+def test_step_through_fused_op_equals_plain_full_logits_loss_and_gradients(
+    tiny_tokenizer, modules_to_save
+):
+    """The plain stack: full model forward, [B, T, V] logits, HF's own mean cross-entropy."""
+    model = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=0)
+    model = apply_lora(model, LoraConfig(r=4, dropout=0.0, modules_to_save=modules_to_save))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    batch = collate(examples_of_different_lengths(len(tiny_tokenizer)), 0)
+
+    ours = accumulate_gradients(model, [batch], torch.ones(2), 2)
+    fused = grads(model)
+    model.zero_grad()
+    plain = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+    ).loss
+    plain.backward()
+
+    torch.testing.assert_close(ours.loss, plain.detach(), rtol=1e-5, atol=1e-6)
+    reference = grads(model)
+    assert len(reference) == len(fused) > 0
+    for name, grad in reference.items():
+        torch.testing.assert_close(fused[name], grad, rtol=1e-4, atol=1e-7)
+    # With the tied embedding trained, its gradient includes the head's, from inside the op.
+    trained = [n for n in fused if "modules_to_save" in n]
+    assert len(trained) == len(modules_to_save)
+
+
 def test_all_masked_batch_gives_zero_loss_and_finite_gradients(tiny_tokenizer):
     model = lora_model(tiny_tokenizer)
     decoder, head = decoder_and_head(model)

@@ -106,6 +106,11 @@ class TaskConfig(Section):
 
 class DataConfig(Section):
     max_seq_len: int = Field(default=1024, ge=16)
+    packing: bool = Field(
+        default=True,
+        description="Pack each micro-batch's examples into as few rows of max_seq_len as fit, "
+        "each example attending only to itself (no padding).",
+    )
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     mixing: Literal["proportional", "temperature", "weights"] = "proportional"
     temperature: float = Field(default=1.0, gt=0)
@@ -134,6 +139,10 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     log_every_steps: int = Field(default=10, gt=0)
     progress_bar: bool = True
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the decoder for training; pays off on long runs only.",
+    )
 
     @model_validator(mode="after")
     def _one_batch_rule(self) -> TrainConfig:

@@ -61,7 +61,8 @@ def rank_micro_batches(
 def global_answer_tokens(ctx: DistContext, micro_batches: list[dict[str, torch.Tensor]]) -> int:
     """Answer tokens of the whole global batch (all ranks): the loss normaliser."""
     local = sum(
-        int((next_token_targets(mb["labels"]) != IGNORE_INDEX).sum()) for mb in micro_batches
+        int((next_token_targets(mb["labels"], mb.get("position_ids")) != IGNORE_INDEX).sum())
+        for mb in micro_batches
     )
     return int(sum_over_ranks(ctx, torch.tensor(local, device=ctx.device)).item())
 

@@ -37,8 +37,9 @@ def answer_loss(
         hidden = decoder(
             input_ids=tensors["input_ids"].to(device),
             attention_mask=tensors["attention_mask"].to(device),
+            use_cache=False,
         ).last_hidden_state
-        targets = next_token_targets(tensors["labels"]).to(device)
+        targets = next_token_targets(tensors["labels"]).to(device)  # the fused op, as in training
         total += token_losses(hidden, head, targets).sum().item()
         count += int((targets != -100).sum())
     loss = total / count
@@ -136,23 +137,39 @@ def choice_letters(
     Reads the next-token distribution at the answer position and compares the first token of
     each letter; no generation. Returns example index -> choice index.
     """
+    decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     first_token = {}  # letter -> its first token id; a handful of letters, tokenized once
     predictions = {}
     for batch in by_length(examples, batch_size):
-        out, _, _ = _prompt_forward(
-            model, [e.input_ids[: e.prompt_length] for e in batch], pad_id, device, False
-        )
-        logits = out.logits[:, -1, :].float()
+        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+        last = decoder(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            # Left padding: positions count real tokens only, as they did in training.
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=False,
+        ).last_hidden_state[:, -1]
+        # Each letter's log-probability at the answer position through the fused op: one
+        # hidden row per (question, letter), never the [batch, vocab] logits.
+        rows, letter_ids = [], []
         for row, example in enumerate(batch):
-            letters = candidates[example.example_index]
-            for letter in letters:
+            for letter in candidates[example.example_index]:
                 if letter not in first_token:
                     first_token[letter] = tokenizer(letter, add_special_tokens=False)["input_ids"][
                         0
                     ]
-            ids = [first_token[letter] for letter in letters]
-            predictions[example.example_index] = int(logits[row, ids].argmax())
+                rows.append(row)
+                letter_ids.append(first_token[letter])
+        scores = token_logprobs(
+            last[rows].unsqueeze(0), head, torch.tensor([letter_ids], device=device)
+        )[0].tolist()
+        start = 0
+        for example in batch:
+            count = len(candidates[example.example_index])
+            choice_scores = scores[start : start + count]
+            predictions[example.example_index] = choice_scores.index(max(choice_scores))
+            start += count
     return predictions
 
 

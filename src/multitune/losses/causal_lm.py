@@ -1,41 +1,78 @@
-"""Token-level causal LM loss that projects only the answer positions onto the vocabulary."""
+"""Token-level causal LM loss through the fused head + cross-entropy op (answer positions only)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from multitune.data.formatting import IGNORE_INDEX
+from multitune.ops import linear_cross_entropy, linear_token_logprobs
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Shift labels left by one: position t predicts token t+1; the last position predicts none."""
+def next_token_targets(
+    labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shift labels left by one: position t predicts token t+1; the last position predicts none.
+
+    With ``position_ids`` of a packed row (restarting at 0 for each example), the last token of
+    an example predicts nothing either, so no target crosses an example border.
+    """
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        starts_next = position_ids[:, 1:] == 0
+        targets[:, :-1] = targets[:, :-1].masked_fill(starts_next, IGNORE_INDEX)
     return targets
+
+
+def head_weight(head: torch.nn.Module) -> torch.Tensor | None:
+    """The [V, H] matrix a bias-free output projection multiplies by, or None.
+
+    None for heads the fused op cannot express (a bias, LoRA on lm_head). peft's
+    ``ModulesToSaveWrapper`` answers ``.weight`` with the active copy (the trained one, or the
+    original under ``disable_adapter()``), which is what its forward uses.
+    """
+    if isinstance(head, BaseTunerLayer) or getattr(head, "bias", None) is not None:
+        return None
+    weight = getattr(head, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def token_losses(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position cross-entropy [B, T], 0 where the target is ignored.
+    """Per-position cross-entropy [B, T] in float32, 0 where the target is ignored.
 
-    Only labelled positions go through ``head``, so memory is O(answer tokens x vocab) rather than
-    O(all tokens x vocab); logits are upcast to float32 for a stable log-softmax.
+    Only labelled positions reach the vocabulary: they are gathered first, then projected and
+    scored chunk by chunk inside ``ops.linear_cross_entropy`` (C++), so neither [tokens x vocab]
+    nor [answer tokens x vocab] logits are kept for the backward pass.
     """
-    mask = targets != IGNORE_INDEX
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    if not mask.any():
-        # Contributes nothing, but runs the head like any other batch: the graph stays
-        # connected, and under FSDP every rank runs the same forwards and collectives.
-        return out + head(hidden[:, :1]).sum() * 0.0
-    logits = head(hidden[mask]).float()
-    out[mask] = F.cross_entropy(logits, targets[mask], reduction="none")
-    return out
+    return _labelled_positions(hidden, head, targets, linear_cross_entropy, sign=1.0)
 
 
 def token_logprobs(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position log p(target) [B, T], 0 where the target is ignored."""
-    return -token_losses(hidden, head, targets)
+    """Per-position log p(target) [B, T] in float32 (``ops.linear_token_logprobs``), 0 where
+    the target is ignored."""
+    return _labelled_positions(hidden, head, targets, linear_token_logprobs, sign=-1.0)
+
+
+def _labelled_positions(hidden, head, targets, fused_op, sign: float) -> torch.Tensor:
+    mask = targets != IGNORE_INDEX
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    if not mask.any():
+        # No labelled position (e.g. a rank's filler micro-batch): score one position whose
+        # target is ignored (value 0, zero gradient) through the same path as any batch, so the
+        # graph stays connected and every rank runs the same modules and collectives (FSDP).
+        mask = torch.zeros_like(mask)
+        mask.view(-1)[0] = True
+    selected, wanted = hidden[mask], targets[mask]
+    weight = head_weight(head)
+    if weight is None:
+        values = sign * F.cross_entropy(head(selected).float(), wanted, reduction="none")
+    else:
+        values = fused_op(selected, weight, wanted, IGNORE_INDEX).float()
+    out[mask] = values
+    return out

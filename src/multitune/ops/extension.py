@@ -156,3 +156,9 @@ def extension_error() -> str | None:
     if _backend is None:
         _resolve()
     return _error
+
+
+def extension_error_summary() -> str | None:
+    """``extension_error()`` cut to its first line and first compiler error, for one line."""
+    error = extension_error()
+    return None if error is None else _summarise(error)

@@ -37,8 +37,8 @@ from multitune.checkpoint import (
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
 from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig, check_quantization_for_sharding
-from multitune.data.batching import collate
 from multitune.data.mixing import epoch_order, task_probabilities
+from multitune.data.packing import micro_batch
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
 from multitune.distributed.batches import (
     global_answer_tokens,
@@ -67,6 +67,7 @@ from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight.registry import check_preflight
 from multitune.tracking.jsonl import JsonlLogger, NullLogger
+from multitune.training.compile import compiled_decoder
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
 from multitune.training.state import plan_batches, seed_everything
@@ -232,9 +233,11 @@ class TrainingData:
 
 
 def sft_training_data(
-    tokenizer, tasks: list[TaskData], cfg: RunConfig, device, ctx: DistContext
+    model, tokenizer, tasks: list[TaskData], cfg: RunConfig, device, ctx: DistContext
 ) -> TrainingData:
-    """The mixed multi-task examples, with token-exact SFT accumulation over all ranks."""
+    """The mixed multi-task examples, padded or packed (``data.packing``) per micro-batch, with
+    token-exact SFT accumulation over all ranks through the model's (optionally compiled)
+    decoder."""
     sizes = [len(t.tokenized["train"]) for t in tasks]
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
@@ -244,12 +247,17 @@ def sft_training_data(
         return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
 
     def collate_ids(ids) -> dict:
-        return collate([tasks[t].tokenized["train"][i] for t, i in ids], pad_id)
+        examples = [tasks[t].tokenized["train"][i] for t, i in ids]
+        return micro_batch(examples, pad_id, cfg.data, cfg.seed)
+
+    decoder = compiled_decoder(model, cfg.train.compile)
 
     def window_step(model, batches):
         # Every rank divides by the answer tokens of the whole global batch.
         window_tokens = global_answer_tokens(ctx, batches) if ctx.initialized else None
-        result = accumulate_gradients(model, batches, loss_weights, len(tasks), window_tokens)
+        result = accumulate_gradients(
+            model, batches, loss_weights, len(tasks), window_tokens, decoder
+        )
         return sum_step_results(ctx, result)
 
     return TrainingData(
@@ -285,7 +293,7 @@ def train_loop(
     items and window step (default: SFT on the tasks' training examples).
     """
     ctx = ctx or DistContext(device=device)
-    data = data or sft_training_data(tokenizer, tasks, cfg, device, ctx)
+    data = data or sft_training_data(model, tokenizer, tasks, cfg, device, ctx)
     plan = plan_batches(cfg.train, data.num_examples, ctx.world_size)
     log.info("batch plan: %s", plan.describe())
     optimizer = build_optimizer(model, cfg.train)

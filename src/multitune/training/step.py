@@ -30,17 +30,24 @@ def accumulate_gradients(
     task_loss_weights: torch.Tensor,
     num_tasks: int,
     window_tokens: int | None = None,
+    decoder: torch.nn.Module | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch; gradients end normalised by the window's token count.
 
     Each micro-batch contributes sum(weighted token losses) / N, with N the answer tokens of the
-    whole window, so 1 x batch 8 and 8 x batch 1 produce the same gradient. Under data
-    parallelism ``window_tokens`` is N over all ranks (this rank holds a share of the window);
-    by default N counts this rank's micro-batches.
+    whole window, so 1 x batch 8 and 8 x batch 1 produce the same gradient. Micro-batches are
+    padded (``collate``) or packed (``data.packing.pack``); the model runs its decoder only
+    (``decoder``, e.g. a compiled one, defaults to the model's) and the loss projects just the
+    answer positions inside the fused op.
+    Under data parallelism ``window_tokens`` is N over all ranks (this rank holds a share of
+    the window); by default N counts this rank's micro-batches.
     """
-    decoder, head = decoder_and_head(model)
+    model_decoder, head = decoder_and_head(model)
+    decoder = model_decoder if decoder is None else decoder
     device = task_loss_weights.device
-    targets = [next_token_targets(mb["labels"]).to(device) for mb in micro_batches]
+    targets = [
+        next_token_targets(mb["labels"], mb.get("position_ids")).to(device) for mb in micro_batches
+    ]
     num_tokens = (
         int(sum(int((t != -100).sum()) for t in targets))
         if window_tokens is None
@@ -52,20 +59,19 @@ def accumulate_gradients(
     task_sums = torch.zeros(num_tasks, device=device)
     task_counts = torch.zeros(num_tasks, device=device)
     num_input_tokens = 0
+    one_row = uses_flash_attention(model_decoder)
     for mb, target in zip(micro_batches, targets):
-        mask = mb["attention_mask"].to(device)
-        num_input_tokens += int(mask.sum())
-        hidden = decoder(
-            input_ids=mb["input_ids"].to(device), attention_mask=mask
-        ).last_hidden_state
-        losses = token_losses(hidden, head, target)  # [B, T]
-        per_example = losses.sum(dim=1)
+        hidden = decoder(**decoder_inputs(mb, device, one_row)).last_hidden_state
+        hidden = hidden.view(*target.shape, -1)  # back to [rows, T, H] after a one-row forward
+        num_input_tokens += count_input_tokens(mb)
+        losses = token_losses(hidden, head, target)  # [rows, T]
+        per_example = example_sums(losses, mb)
         tasks = mb["task_index"].to(device)
         weighted = (per_example * task_loss_weights[tasks]).sum()
         (weighted / num_tokens).backward()
         total += per_example.sum().detach()
         task_sums.index_add_(0, tasks, per_example.detach())
-        task_counts.index_add_(0, tasks, (target != -100).sum(dim=1).float())
+        task_counts.index_add_(0, tasks, example_sums((target != -100).float(), mb))
     return StepResult(
         loss=total / num_tokens,
         grad_norm=torch.zeros(()),
@@ -74,6 +80,60 @@ def accumulate_gradients(
         task_loss_sums=task_sums,
         task_token_counts=task_counts,
     )
+
+
+def uses_flash_attention(decoder: torch.nn.Module) -> bool:
+    return str(getattr(decoder.config, "_attn_implementation", "")).startswith("flash")
+
+
+def decoder_inputs(mb: dict[str, torch.Tensor], device, one_row: bool = False) -> dict:
+    """Keyword arguments of the decoder for a padded or a packed micro-batch.
+
+    ``one_row`` lays a packed micro-batch's rows end to end and passes the example borders as
+    ``cu_seq_lens_*``: flash-attention runs its varlen kernel on them (transformers only
+    splits a packed batch of one row), while sdpa/eager build a [T x T] block mask per row and
+    are cheaper on the short rows. (Running sdpa per example on CPU instead was measured on the
+    demo and gained nothing over the block mask.)
+    """
+    # No KV cache: training never reuses it, and transformers only reads position restarts as
+    # example borders when there is none.
+    if "position_ids" in mb:
+        # Packed: no attention mask, so transformers isolates the examples by position restarts.
+        ids, positions = mb["input_ids"], mb["position_ids"]
+        inputs = {"use_cache": False}
+        if one_row:
+            ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+            starts = (positions[0] == 0).nonzero().flatten()
+            bounds = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(device, torch.int32)
+            longest = int(bounds.diff().max())
+            inputs.update(
+                cu_seq_lens_q=bounds,
+                cu_seq_lens_k=bounds,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
+        return {"input_ids": ids.to(device), "position_ids": positions.to(device), **inputs}
+    return {
+        "input_ids": mb["input_ids"].to(device),
+        "attention_mask": mb["attention_mask"].to(device),
+        "use_cache": False,
+    }
+
+
+def count_input_tokens(mb: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a padded or packed micro-batch."""
+    if "sequence_index" in mb:
+        return int((mb["sequence_index"] >= 0).sum())
+    return int(mb["attention_mask"].sum())
+
+
+def example_sums(values: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum per-position ``values`` [rows, T] (0 on padding) into one value per example."""
+    if "sequence_index" not in mb:
+        return values.sum(dim=1)  # padded: one example per row
+    index = mb["sequence_index"].to(values.device)
+    sums = values.new_zeros(len(mb["task_index"]))
+    return sums.index_add(0, index.clamp(min=0).flatten(), values.flatten())
 
 
 def clip_and_check(model: torch.nn.Module, max_norm: float | None, step: int) -> torch.Tensor:
