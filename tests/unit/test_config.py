@@ -203,6 +203,16 @@ PINNED_KEYS = [
     "checkpoint.every_steps",
     "checkpoint.every_minutes",
     "checkpoint.keep_last",
+    "tracking.backends",
+    "tracking.wandb.project",
+    "tracking.wandb.entity",
+    "tracking.wandb.name",
+    "tracking.wandb.mode",
+    "tracking.wandb.tags",
+    "hub.push",
+    "hub.repo",
+    "hub.private",
+    "hub.push_checkpoints",
     "resume",
 ]
 

@@ -30,6 +30,7 @@ from multitune.checkpoint import (
     verify_checkpoint,
 )
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
+from multitune.checkpoint.ranks import rank_and_world_size
 from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig
 from multitune.data.batching import collate
@@ -37,10 +38,17 @@ from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
+from multitune.hub.card import write_model_card
+from multitune.hub.checks import check_hub_before_training
 from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
-from multitune.tracking.jsonl import JsonlLogger
+from multitune.tracking.tracker import (
+    Tracker,
+    check_tracking_credentials,
+    peak_memory_gb,
+    start_tracking,
+)
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
 from multitune.training.state import plan_batches, seed_everything
@@ -80,6 +88,10 @@ def run(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
     resume_from = choose_resume_checkpoint(cfg, out)
+    # Missing credentials fail here, before any model or data is loaded.
+    check_tracking_credentials(cfg)
+    check_hub_before_training(cfg)
+    tracker = start_tracking(cfg, out, tracker_run_id(resume_from))
     (out / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.seed)
     started = time.perf_counter()
@@ -118,9 +130,19 @@ def run(cfg: RunConfig) -> dict:
     checkpointing = checkpointing_supported(model)
     with stop_signals_caught(checkpointing) as stop_requests:
         finished = train_loop(
-            model, tokenizer, tasks, cfg, out, device, resume_from, stop_requests, checkpointing
+            model,
+            tokenizer,
+            tasks,
+            cfg,
+            out,
+            device,
+            resume_from,
+            stop_requests,
+            checkpointing,
+            tracker,
         )
     if not finished:
+        tracker.finish()
         log.info(
             "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
             "skipped)",
@@ -134,6 +156,13 @@ def run(cfg: RunConfig) -> dict:
     save_adapter(model, tokenizer, out / "adapter", out / "base_model")
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
+    tracker.log_evaluation(results, out / "confusion")
+    write_model_card(out)  # OUTPUT_DIR/README.md, pushed or not
+    if cfg.hub.push:
+        from multitune.hub.push import push_run
+
+        push_run(out, cfg.hub.repo, private=cfg.hub.private)
+    tracker.finish()
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
     return results
 
@@ -148,6 +177,7 @@ def train_loop(
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
+    tracker: Tracker | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
@@ -176,7 +206,8 @@ def train_loop(
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
     fixed_config = resume_fixed_config(cfg)
     stop_requests = [] if stop_requests is None else stop_requests
-    logger = JsonlLogger(out / "metrics.jsonl")
+    # A tracker passed in outlives the loop (the final evaluation is logged to it too).
+    logger = tracker if tracker is not None else start_tracking(cfg, out)
     window = _LogWindow(len(tasks), device)
     pad_id = tokenizer.pad_token_id
     model.train()
@@ -233,6 +264,7 @@ def train_loop(
                     # Saved last in the step, so its RNG state is the one the next step starts
                     # from in an uninterrupted run.
                     state = _train_state(step, epoch, consumed, len(order), fixed_config)
+                    state["tracker_run_id"] = logger.run_id
                     if stopping or checkpoints.due(step):
                         _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
                         checkpoints.saved(step)
@@ -244,7 +276,8 @@ def train_loop(
                 _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
         return True
     finally:
-        logger.close()
+        if tracker is None:
+            logger.finish()
 
 
 def separate_tied_frozen_parameters(model) -> None:
@@ -324,6 +357,11 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         path = find_resume_checkpoint(root)
+        if path is None and cfg.hub.push_checkpoints:
+            from multitune.hub.push import download_latest_checkpoint
+
+            if download_latest_checkpoint(cfg.hub.repo, root) is not None:
+                path = find_resume_checkpoint(root)  # verifies the downloaded files
     else:
         path = Path(cfg.resume)
         problems = verify_checkpoint(path)
@@ -334,6 +372,13 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
     if path is not None:
         check_resume_config(path, cfg)
     return path
+
+
+def tracker_run_id(checkpoint: Path | None) -> str | None:
+    """The tracker (W&B) run id saved with a checkpoint, so a resumed run continues that run."""
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("tracker_run_id")
 
 
 def check_resume_config(path: Path, cfg: RunConfig) -> None:
@@ -376,7 +421,7 @@ def _train_state(step: int, epoch: int, consumed: int, epoch_length: int, fixed:
 
 
 def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, state: dict) -> None:
-    save_checkpoint(
+    path = save_checkpoint(
         out / "checkpoints",
         state["step"],
         model,
@@ -386,6 +431,10 @@ def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, sta
         cfg.checkpoint.keep_last,
         config_hash=config_hash(state["fixed_config"]),
     )
+    if cfg.hub.push_checkpoints and rank_and_world_size()[0] == 0:
+        from multitune.hub.push import push_checkpoint
+
+        push_checkpoint(path, cfg.hub.repo)
 
 
 class _CheckpointSchedule:
@@ -489,6 +538,7 @@ class _LogWindow:
             "grad_norm": (self.grad_norm_sum / self.steps).item(),
             "tokens_per_s": self.last_tokens_per_s,
             "answer_tokens_per_s": self.tokens / elapsed,
+            "peak_memory_gb": peak_memory_gb(self.device),
         }
         sums, counts = self.task_sums.tolist(), self.task_counts.tolist()
         for task, total, count in zip(tasks, sums, counts):
