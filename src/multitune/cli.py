@@ -12,6 +12,7 @@ from pathlib import Path
 from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
 from multitune.export.command import add_export_arguments, cmd_export
+from multitune.hub.command import add_push_arguments, cmd_push
 from multitune.planning import add_plan_arguments, cmd_plan
 
 
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="merge the adapter into its base and/or write GGUF")
     add_export_arguments(export)
+
+    push = commands.add_parser("push", help="upload a run's adapter (or merged model) to the Hub")
+    add_push_arguments(push)
     return parser
 
 
@@ -101,6 +105,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "launch": cmd_launch,
     "export": cmd_export,
+    "push": cmd_push,
 }
 
 
