@@ -143,6 +143,8 @@ def check_hub_before_training(cfg: RunConfig) -> None:
     """Everything a configured push needs, checked before any model is loaded."""
     if not (cfg.hub.push or cfg.hub.push_checkpoints):
         return
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # one check per node: the Hub rate-limits whoami; a failure stops all ranks
     token = require_token("hub.push" if cfg.hub.push else "hub.push_checkpoints")
     check_write_access(cfg.hub.repo, token)
     check_base_model_access(cfg.model.name, token)

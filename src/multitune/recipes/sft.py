@@ -157,11 +157,8 @@ def run(cfg: RunConfig) -> dict:
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
     tracker.log_evaluation(results, out / "confusion")
-    write_model_card(out)  # OUTPUT_DIR/README.md, pushed or not
-    if cfg.hub.push:
-        from multitune.hub.push import push_run
-
-        push_run(out, cfg.hub.repo, private=cfg.hub.private)
+    if rank_and_world_size()[0] == 0:
+        publish_run(cfg, out)
     tracker.finish()
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
     return results
@@ -372,6 +369,15 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
     if path is not None:
         check_resume_config(path, cfg)
     return path
+
+
+def publish_run(cfg: RunConfig, out: Path) -> None:
+    """The model card (OUTPUT_DIR/README.md, pushed or not), then the push if configured."""
+    write_model_card(out)
+    if cfg.hub.push:
+        from multitune.hub.push import push_run
+
+        push_run(out, cfg.hub.repo, private=cfg.hub.private)
 
 
 def tracker_run_id(checkpoint: Path | None) -> str | None:

@@ -175,6 +175,9 @@ def start_tracking(cfg: RunConfig, out: Path, run_id: str | None = None) -> Trac
     check_tracking_credentials(cfg)
     wandb = _import_wandb()
     settings = cfg.tracking.wandb
+    if wandb.run is not None:
+        # Left open by a run in this process that raised (the CLI's exit hook would close it).
+        wandb.run.finish(exit_code=1)
     run = wandb.init(
         project=settings.project,
         entity=settings.entity,
