@@ -147,6 +147,10 @@ def test_offline_wandb_run_holds_config_metrics_table_and_resumes_same_id(tmp_pa
     assert table["data"] == expected
     assert len(expected) == sum(min(v["n"], NUM_SAMPLES) for v in results["tasks"].values())
 
+    # Plots of the run (tracking/plots.py) sit beside it.
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert {"loss.png", "loss_banking77.png", "confusion_banking77.png"} <= plots
+
     # The checkpoint carries the run id; running longer resumes it and continues the same run.
     (checkpoint,) = sorted((out / "checkpoints").glob("step-*"))
     assert (

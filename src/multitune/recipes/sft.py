@@ -43,6 +43,7 @@ from multitune.hub.checks import check_hub_before_training
 from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
+from multitune.tracking.plots import write_plots
 from multitune.tracking.tracker import (
     Tracker,
     check_tracking_credentials,
@@ -372,7 +373,9 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
 
 
 def publish_run(cfg: RunConfig, out: Path) -> None:
-    """The model card (OUTPUT_DIR/README.md, pushed or not), then the push if configured."""
+    """Plots and the model card (OUTPUT_DIR/README.md, pushed or not), then the push if
+    configured."""
+    write_plots(out)
     write_model_card(out)
     if cfg.hub.push:
         from multitune.hub.push import push_run
