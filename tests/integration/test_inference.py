@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,24 +173,55 @@ def test_predict_bad_rows_name_the_row(run_dir: Path, tmp_path: Path, capsys):
     )
 
 
-def test_chat_through_stdin_streams_greedy_replies_and_exits_at_end_of_input(run_dir: Path):
+class Terminal:
+    """A pseudo-terminal as the stdin/stdout of a subprocess, read without blocking."""
+
+    def __init__(self, argv: list[str], env: dict) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, close_fds=True
+        )
+        os.close(slave)
+        self.output = b""
+
+    def read_until(self, count: int, marker: bytes = b">>> ", timeout: float = 240) -> None:
+        """Read until ``marker`` has appeared ``count`` times in all output so far."""
+        deadline = time.monotonic() + timeout
+        while self.output.count(marker) < count:
+            assert time.monotonic() < deadline, f"no {marker!r} #{count}: {self.output!r}"
+            ready, _, _ = select.select([self.master], [], [], 1)
+            if ready:
+                self.output += os.read(self.master, 4096)
+
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+
+def test_chat_in_a_terminal_streams_greedy_replies_and_exits_on_ctrl_d(run_dir: Path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "multitune", "chat", str(run_dir)]
-        + ["--max-new-tokens", str(MAX_NEW_TOKENS)],
-        input=f"{PROMPTS[0]}\n/reset\n{PROMPTS[1]}\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    # One prompt per input line (/reset answers nothing), then a last one ended by Ctrl-D.
-    first, reset, second, end = result.stdout.split(">>> ")[1:]
-    assert reset == "" and end == "\n"
+    argv = [sys.executable, "-m", "multitune", "chat", str(run_dir)]
+    terminal = Terminal([*argv, "--max-new-tokens", str(MAX_NEW_TOKENS)], env)
+    try:
+        terminal.read_until(1)
+        terminal.type(f"{PROMPTS[0]}\n".encode())
+        terminal.read_until(2)
+        terminal.type(b"/reset\n")
+        terminal.read_until(3)
+        terminal.type(f"{PROMPTS[1]}\n".encode())
+        terminal.read_until(4)
+        terminal.type(b"\x04")  # Ctrl-D on an empty line: end of input
+        assert terminal.proc.wait(timeout=60) == 0, terminal.proc.stderr.read().decode()
+    finally:
+        if terminal.proc.poll() is None:
+            terminal.proc.kill()
+    text = terminal.output.decode().replace("\r\n", "\n")
+    # The terminal echoes each typed line; the reply follows it on the next line.
+    turns = text.split(">>> ")[1:]
+    assert len(turns) == 4 and turns[1] == "/reset\n"
+    replies = [turns[0].split("\n", 1)[1].strip(), turns[2].split("\n", 1)[1].strip()]
     expected = greedy_reference(
         run_dir,
         [[{"role": "user", "content": PROMPTS[0]}], [{"role": "user", "content": PROMPTS[1]}]],
     )
-    assert [first.strip(), second.strip()] == expected  # /reset: the 2nd turn starts afresh
+    assert replies == expected  # /reset: the second turn starts a new conversation
     assert all(expected)

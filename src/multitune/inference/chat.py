@@ -60,8 +60,11 @@ def chat_loop(
     turns = 0
     output.write("multitune chat: type a message; /reset starts over; Ctrl-D exits\n")
     while True:
+        # The prompt is written here: input() would send it to stderr when stdin is a terminal.
+        output.write(PROMPT)
+        output.flush()
         try:
-            line = input(PROMPT)
+            line = input()
         except EOFError:
             output.write("\n")
             output.flush()
