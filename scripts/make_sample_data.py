@@ -8,6 +8,11 @@ Three folders, one per built-in preset, so demos and tests run offline:
 - ``commonsense_qa/{train,validation,test}.parquet``: ``id``, ``question``, ``question_concept``,
   ``choices`` {label, text}, ``answerKey`` (empty in test, as on the hub).
 - ``text_claims/train.csv``: ``idx,Text,Label`` with labels ``Claim`` / ``Not a Claim``.
+- ``ultrafeedback/{train_prefs,test_prefs}.parquet``: preference pairs in the layout of
+  ``HuggingFaceH4/ultrafeedback_binarized`` (``prompt``, ``prompt_id``, ``chosen`` and
+  ``rejected`` as user + assistant message lists, ``score_chosen``, ``score_rejected``): a banking
+  customer message, a reply naming the right topic (chosen) and one naming a wrong topic or
+  refusing (rejected), for DPO.
 
 Every sentence comes from the templates below; nothing is copied from the real datasets. The
 signal is deliberately simple (a keyword per intent, one answer category per question), so the
@@ -28,6 +33,7 @@ BANKING_TRAIN_PER_INTENT = 100
 BANKING_TEST_PER_INTENT = 25
 CSQA_SPLIT_SIZES = {"train": 900, "validation": 200, "test": 100}
 CLAIMS_PER_LABEL = 250
+PREFERENCE_SPLIT_SIZES = {"train_prefs": 300, "test_prefs": 60}
 CLAIM, NOT_A_CLAIM = "Claim", "Not a Claim"
 CHOICE_LETTERS = ["A", "B", "C", "D", "E"]
 
@@ -514,6 +520,17 @@ def build_text_claims(rng: random.Random) -> list[dict[str, object]]:
 BANKING77_FEATURES = datasets.Features(
     {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=BANKING_LABEL_NAMES)}
 )
+_MESSAGES = [{"content": datasets.Value("string"), "role": datasets.Value("string")}]
+PREFERENCE_FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "prompt_id": datasets.Value("string"),
+        "chosen": _MESSAGES,
+        "rejected": _MESSAGES,
+        "score_chosen": datasets.Value("float64"),
+        "score_rejected": datasets.Value("float64"),
+    }
+)
 COMMONSENSE_QA_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -526,6 +543,42 @@ COMMONSENSE_QA_FEATURES = datasets.Features(
         "answerKey": datasets.Value("string"),
     }
 )
+
+
+def _topic(intent: str) -> str:
+    return intent.lower().replace("_", " ")
+
+
+def build_preferences(rng: random.Random) -> dict[str, list[dict[str, object]]]:
+    """UltraFeedback-binarized rows: a reply on the message's topic beats an off-topic one."""
+    seen: set[str] = set()
+    splits: dict[str, list[dict[str, object]]] = {}
+    for split, size in PREFERENCE_SPLIT_SIZES.items():
+        rows = []
+        for _ in range(size):
+            intent = rng.choice(BANKING_LABEL_NAMES)
+            (prompt,) = _unique_texts(BANKING_TEMPLATES[intent], 1, rng, seen)
+            wrong = rng.choice([n for n in BANKING_LABEL_NAMES if n != intent])
+            good = f"This is about {_topic(intent)}. I will help you with it right away."
+            bad = rng.choice(
+                [
+                    f"This is about {_topic(wrong)}. I will help you with it right away.",
+                    "I cannot help with that.",
+                ]
+            )
+            user = {"role": "user", "content": prompt}
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "prompt_id": f"{rng.getrandbits(256):064x}",
+                    "chosen": [user, {"role": "assistant", "content": good}],
+                    "rejected": [user, {"role": "assistant", "content": bad}],
+                    "score_chosen": float(rng.choice([8, 9, 10])),
+                    "score_rejected": float(rng.choice([2, 3, 4])),
+                }
+            )
+        splits[split] = rows
+    return splits
 
 
 def _write_parquet(rows: list[dict[str, object]], features: datasets.Features, path: Path) -> None:
@@ -553,6 +606,10 @@ def write_sample_data(out: Path, seed: int = 0) -> list[Path]:
         writer.writeheader()
         writer.writerows(build_text_claims(random.Random(f"text_claims-{seed}")))
     written.append(path)
+    for split, rows in build_preferences(random.Random(f"ultrafeedback-{seed}")).items():
+        path = out / "ultrafeedback" / f"{split}.parquet"
+        _write_parquet(rows, PREFERENCE_FEATURES, path)
+        written.append(path)
     return written
 
 

@@ -20,6 +20,7 @@ from multitune.inference.command import (
     cmd_predict,
 )
 from multitune.planning import add_plan_arguments, cmd_plan
+from multitune.preflight.command import cmd_preflight
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
+    dpo = commands.add_parser("dpo", help="DPO from an SFT adapter, then evaluate")
+    _config_args(dpo)
+    dpo.add_argument("--adapter", type=Path, required=True, help="the SFT adapter folder")
+
     validate = commands.add_parser("validate", help="check a config without loading a model")
     _config_args(validate)
 
@@ -53,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(plan)
     add_plan_arguments(plan)
+
+    preflight = commands.add_parser(
+        "preflight", help="check hub access, tokens, disk and launch before loading anything"
+    )
+    _config_args(preflight)
 
     launch = commands.add_parser(
         "launch", help="run `train` under torchrun on this node (SLURM, runpod or one node)"
@@ -80,7 +90,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from multitune.recipes import sft  # heavy imports only when training
 
-    sft.run(cfg)
+    if "dpo" in cfg.stages:
+        from multitune.recipes import dpo
+
+        dpo.refuse_multi_process()  # before SFT, not after hours of it
+    results = sft.run(cfg)
+    if "dpo" in cfg.stages and results:  # {} = stopped by a signal: resume SFT first
+        dpo.run(cfg, Path(cfg.output_dir) / "adapter", previous=results)
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from multitune.recipes import dpo
+
+    dpo.run(cfg, args.adapter)
     return 0
 
 
@@ -112,9 +136,11 @@ def _quiet_library_progress_bars() -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "dpo": cmd_dpo,
     "validate": cmd_validate,
     "eval": cmd_eval,
     "plan": cmd_plan,
+    "preflight": cmd_preflight,
     "launch": cmd_launch,
     "export": cmd_export,
     "push": cmd_push,

@@ -104,3 +104,37 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
     )
     assert proc.returncode == 2
     assert "task 'text_claims' has no 'test' split to evaluate (set test_split)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_fine_tuned_adapter_beats_the_base_model_on_every_task(tmp_path, monkeypatch):
+    """The demo, cut to about a third of its data and 3 epochs (about a minute on 2 idle cores).
+
+    Every task's answer loss falls far below the base model's, and both classification tasks
+    gain accuracy. Multiple choice is held to "not worse": the demo's model does not learn to
+    point at the right letter (README, known gap), so its accuracy stays near chance.
+    """
+    from multitune.config import load_config
+    from multitune.recipes import sft
+
+    monkeypatch.chdir(REPO)  # the demo's datasets are paths relative to the checkout
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"output_dir={tmp_path / 'demo'}",
+            "tasks.0.max_examples=400",
+            "tasks.1.max_examples=300",
+            "tasks.2.max_examples=200",
+            "train.epochs=3",
+            "train.progress_bar=false",
+            "eval.max_examples=64",
+        ],
+    )
+    results = sft.run(cfg)
+    after, before = results["tasks"], results["base"]["tasks"]
+    for name in ("banking77", "commonsense_qa", "text_claims"):
+        assert after[name]["loss"] < before[name]["loss"] / 10, name
+    for name in ("banking77", "text_claims"):
+        assert after[name]["accuracy"] > before[name]["accuracy"], name
+        assert after[name]["accuracy"] > results["chance"][name] + 0.05, name
+    assert after["commonsense_qa"]["accuracy"] >= before["commonsense_qa"]["accuracy"]

@@ -23,7 +23,6 @@ from multitune.config import dump_config, validate_config
 from multitune.hub.checks import (
     HubError,
     check_base_model_access,
-    check_hub_before_training,
     check_write_access,
     require_token,
 )
@@ -141,16 +140,23 @@ def test_offline_and_unreachable_hub_errors(tmp_path, monkeypatch):
         check_write_access("alice/x", "hf_write")
 
 
-def test_training_config_with_push_checks_before_loading_anything(tmp_path, monkeypatch):
+def test_training_with_push_checkpoints_is_checked_before_loading_anything(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no stored login either
     config = small_config_dict(tmp_path / "run")
     config["hub"] = {"push_checkpoints": True, "repo": "alice/x"}
-    with pytest.raises(HubError, match="hub.push_checkpoints needs a Hugging Face token"):
-        check_hub_before_training(validate_config(config))
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["train", str(path)]) == 2
+    assert "pushing to alice/x needs HF_TOKEN with write access" in capsys.readouterr().err
     assert not (tmp_path / "run" / "data_report.json").exists()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["train", str(path)]) == 2
+    assert "need the Hub, but HF_HUB_OFFLINE=1 is set" in capsys.readouterr().err
     with pytest.raises(Exception, match="need hub.repo"):
         validate_config({**config, "hub": {"push": True}})
 

@@ -19,6 +19,8 @@ FILES = [
     "commonsense_qa/validation.parquet",
     "commonsense_qa/test.parquet",
     "text_claims/train.csv",
+    "ultrafeedback/train_prefs.parquet",
+    "ultrafeedback/test_prefs.parquet",
 ]
 
 

@@ -1,5 +1,6 @@
 """Evaluation scoring on the real tiny model: one-pass letters, constrained labels, generation."""
 
+import pytest
 import torch
 from tests.conftest import TEMPLATE_KWARGS
 
@@ -7,6 +8,7 @@ from multitune.config.schema import TinyModelConfig
 from multitune.data.formatting import tokenize_example
 from multitune.evaluation.scoring import (
     choice_letters,
+    choice_text_scores,
     constrained_labels,
     end_of_turn_id,
     greedy_generate,
@@ -80,3 +82,29 @@ def test_batched_generation_with_left_padding_equals_one_by_one(tiny_tokenizer):
         assert greedy_generate(model, [e], tiny_tokenizer, end_id, 1, 6) == {
             e.example_index: batched[e.example_index]
         }
+
+
+def test_choice_text_scores_equal_a_direct_per_choice_mean_log_prob(tiny_tokenizer):
+    model = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=5).eval()
+    prompts = [f"Where is item {i}? " + "y " * (i * 2) for i in range(5)]
+    examples = tokenized(tiny_tokenizer, prompts, ["A"] * 5)
+    texts = {
+        e.example_index: ("fridge", "a very long garage door", "oven")[: 2 + e.example_index % 2]
+        for e in examples
+    }
+    # About 7 choice rows a pass: 2 questions of different lengths (left-padded prompts) and
+    # different numbers of choices share each pass; the last question goes alone.
+    fast = choice_text_scores(
+        model, examples, texts, tiny_tokenizer, 7, tiny_tokenizer.pad_token_id
+    )
+    assert sorted(fast) == [e.example_index for e in examples]
+    for e in examples:
+        direct = []
+        for text in texts[e.example_index]:  # unpadded, one choice at a time, full logits
+            prompt = e.input_ids[: e.prompt_length]
+            answer = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+            picked = [logprobs[len(prompt) - 1 + k, t] for k, t in enumerate(answer)]
+            direct.append(torch.stack(picked).mean().item())
+        assert fast[e.example_index] == pytest.approx(direct, abs=1e-4)

@@ -94,6 +94,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True, exist_ok=True)
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    model_state = _trainable_only(model, model_state)
     _dcp_save({"model": model_state, "optim": optim_state}, tmp / DCP_DIR)
     problems = []
     try:
@@ -160,6 +161,7 @@ def load_checkpoint(
     # so that there is something to load into, but skips that while gradients exist.
     optimizer.zero_grad(set_to_none=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    model_state = _trainable_only(model, model_state)
     _dcp_load({"model": model_state, "optim": optim_state}, path / DCP_DIR)
     set_state_dict(
         model,
@@ -199,7 +201,7 @@ def check_trainable_tensors(
     With ``compare_values`` the tensors are read back with DCP (a collective: call on every rank)
     and each rank compares its local shard with the model's.
     """
-    held = get_model_state_dict(model, options=_TRAINABLE)
+    held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
     problems = []
     num_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if len(held) != num_trainable:
@@ -231,6 +233,17 @@ def check_trainable_tensors(
         if not torch.equal(_local(read_back[name]), _local(tensor)):
             problems.append(f"{name}: values read back differ from the model's")
     return problems
+
+
+def _trainable_only(model: torch.nn.Module, state: dict) -> dict:
+    """Drop the frozen non-parameter entries ``ignore_frozen_params`` keeps: a 4-bit/8-bit base
+    (bitsandbytes) writes its quantization state (absmax, quant_map, ...) into the state dict."""
+    trainable = {
+        name.removeprefix("module.")
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad
+    }
+    return {key: value for key, value in state.items() if key.removeprefix("module.") in trainable}
 
 
 def _whole_tensor_problems(name: str, saved, shape: torch.Size) -> list[str]:

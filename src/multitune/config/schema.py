@@ -38,6 +38,16 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        default="none",
+        description="Hold the frozen base in 4-bit NF4 (QLoRA, double quantization, bf16 "
+        "compute) or 8-bit, with bitsandbytes; LoRA adapters stay in full precision.",
+    )
+    quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = Field(
+        default="bfloat16",
+        description="dtype the packed 4-bit weights are stored in; a float dtype lets FSDP "
+        "shard them (uint8 is refused under FSDP: it trains silently to NaN).",
+    )
 
 
 class LoraConfig(Section):
@@ -113,14 +123,66 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     micro_batch_size: int = Field(default=8, gt=0)
     grad_accum: int = Field(default=1, gt=0)
+    global_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Examples per optimizer step over all processes; null = micro_batch_size x "
+        "grad_accum. Accumulation per process = global / (micro x world size).",
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     log_every_steps: int = Field(default=10, gt=0)
-    eval_every_steps: int | None = Field(
-        default=None, gt=0, description="Validation loss per task every N steps (and at the end)."
-    )
     progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> TrainConfig:
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ValueError(
+                "set train.global_batch_size or train.grad_accum, not both: with "
+                "global_batch_size the accumulation follows from the world size"
+            )
+        return self
+
+
+class DpoConfig(Section):
+    """The DPO stage (``stages: [sft, dpo]`` or ``multitune dpo``): preference pairs and loss."""
+
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1, lr=5e-5, warmup_ratio=0.1),
+        description="The DPO stage's own train settings (same keys as the top-level train).",
+    )
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull to the reference.")
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Sigmoid loss only: assumed label noise (cDPO)."
+    )
+    sft_weight: float = Field(
+        default=0.0, ge=0, description="Weight of an SFT (NLL) term on the chosen answer."
+    )
+    negatives: Literal["mined", "random"] = Field(
+        default="mined",
+        description="Pairs from tasks: the model's highest-scoring wrong answer, or a random one.",
+    )
+    dataset: str | None = Field(
+        default=None, description="A preference dataset (prompt/chosen/rejected): hub id or path."
+    )
+    split: str = "train"
+    test_split: str | None = Field(
+        default=None, description="Held-out pairs; unset = data.validation_fraction of split."
+    )
+    tasks: list[str] | None = Field(
+        default=None,
+        description="Tasks to build pairs from; unset = every classification and multiple-choice "
+        "task when dpo.dataset is unset, none otherwise.",
+    )
+    max_pairs: int | None = Field(default=None, gt=0, description="Per source, training pairs.")
+
+    @model_validator(mode="after")
+    def _ipo_no_smoothing(self) -> DpoConfig:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("dpo.label_smoothing applies to loss: sigmoid only")
+        return self
 
 
 class EvalConfig(Section):
@@ -128,6 +190,38 @@ class EvalConfig(Section):
     max_examples: int | None = Field(default=None, gt=0, description="Per task, bounds cost.")
     before_training: bool = Field(default=True, description="Score the base model too.")
     max_new_tokens: int = Field(default=64, gt=0)
+    every_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Full per-task evaluation on the validation split every N optimizer steps "
+        "during training (always once at the end).",
+    )
+    best_metric: str = Field(
+        default="loss",
+        description="Keeps OUTPUT_DIR/best/ by this key of the validation record: 'loss' (all "
+        "tasks), 'task/<task>/<metric>', or 'mean/<metric>' (mean over the tasks reporting it).",
+    )
+    best_mode: Literal["max", "min"] | None = Field(
+        default=None,
+        description="Whether a higher or lower best_metric is better; unset = 'min' for loss and "
+        "perplexity, 'max' for every other metric.",
+    )
+
+    @model_validator(mode="after")
+    def _best_metric_shape(self) -> EvalConfig:
+        metric = self.best_metric
+        parts = metric.split("/")
+        valid = (
+            metric == "loss"
+            or (len(parts) == 2 and parts[0] == "mean" and parts[1])
+            or (len(parts) >= 3 and parts[0] == "task" and parts[-1] and "/".join(parts[1:-1]))
+        )
+        if not valid:
+            raise ValueError(
+                f"eval.best_metric {metric!r} must be 'loss', 'task/<task>/<metric>' or "
+                "'mean/<metric>' (e.g. task/banking77/accuracy, mean/accuracy)"
+            )
+        return self
 
 
 class CheckpointConfig(Section):
@@ -182,6 +276,22 @@ class HubConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """Multi-process training under torchrun (ignored in a single process)."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = Field(
+        default="auto",
+        description="auto: ddp (one node) or hsdp (several) when the base fits one GPU, "
+        "else fsdp; see README.",
+    )
+    timeout_minutes: float = Field(
+        default=30.0,
+        gt=0,
+        description="Collective timeout: a lost peer becomes an error (and a torchrun restart) "
+        "after this long instead of a hang.",
+    )
+
+
 class RunConfig(Section):
     output_dir: Path = Path("runs/default")
     seed: int = 0
@@ -194,6 +304,11 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     hub: HubConfig = HubConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    stages: list[Literal["sft", "dpo"]] = Field(
+        default_factory=lambda: ["sft"], description="[sft], or [sft, dpo] to align after SFT."
+    )
+    dpo: DpoConfig = DpoConfig()
     resume: str = Field(
         default="auto",
         description="'auto' (newest valid checkpoint in OUTPUT_DIR/checkpoints, if any), "
@@ -206,4 +321,26 @@ class RunConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _best_metric_names_a_task(self) -> RunConfig:
+        metric = self.eval.best_metric
+        if metric.startswith("task/"):
+            task = "/".join(metric.split("/")[1:-1])
+            names = [t.name for t in self.tasks if t.name]
+            if names and task not in names:
+                raise ValueError(
+                    f"eval.best_metric {metric!r} names no task of this config; tasks: "
+                    f"{', '.join(names)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> RunConfig:
+        if self.stages not in (["sft"], ["sft", "dpo"]):
+            raise ValueError(
+                f"stages must be [sft] or [sft, dpo], not {self.stages}; to run DPO alone from "
+                "an adapter use `multitune dpo CONFIG --adapter PATH`"
+            )
         return self

@@ -20,10 +20,13 @@ def write_eval_results(
     adapter: str | None,
     base: dict | None,
     tasks: list[TaskData],
+    dpo: dict | None = None,
 ) -> dict:
     results = {"tasks": final, "split": split, "adapter": adapter}
     if base is not None:
         results["base"] = {"tasks": base}
+    if dpo is not None:
+        results["dpo"] = dpo  # the DPO stage: {"tasks", "adapter", "preference"}
     results["chance"] = {t.spec.name: chance_accuracy(t) for t in tasks}
     (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -34,10 +37,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def print_summary(tasks: list[TaskData], results: dict, console: Console | None = None) -> None:
-    """Per task: examples, validation loss and accuracy before -> after, and chance."""
+    """Per task: examples, validation loss and accuracy before -> after (-> after DPO), chance."""
     # Off a terminal (CI logs, pipes) rich would wrap to 80 columns and cut the task names.
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     base = (results.get("base") or {}).get("tasks", {})
+    dpo = (results.get("dpo") or {}).get("tasks")
     table = Table(title=f"multitune: per-task results on {results['split']}")
     for column in (
         "task",
@@ -47,6 +51,7 @@ def print_summary(tasks: list[TaskData], results: dict, console: Console | None 
         "loss after",
         "acc before",
         "acc after",
+        *(("loss dpo", "acc dpo") if dpo else ()),
         "chance",
     ):
         table.add_column(column, justify="left" if column in ("task", "kind") else "right")
@@ -64,6 +69,7 @@ def print_summary(tasks: list[TaskData], results: dict, console: Console | None 
             _fmt(after.get("loss")),
             _fmt(before.get("accuracy")),
             _fmt(after.get("accuracy")),
+            *((_fmt(dpo[name].get("loss")), _fmt(dpo[name].get("accuracy"))) if dpo else ()),
             _fmt(results["chance"].get(name)),
         )
     console.print(table)

@@ -13,6 +13,7 @@ from multitune.evaluation import metrics
 from multitune.evaluation.scoring import (
     answer_loss,
     choice_letters,
+    choice_text_scores,
     constrained_labels,
     end_of_turn_id,
     greedy_generate,
@@ -33,6 +34,19 @@ def chance_accuracy(task: TaskData) -> float | None:
         sizes = [len(e.candidates) for e in task.examples["train"]]
         return sum(1.0 / s for s in sizes) / len(sizes)
     return None
+
+
+def metric_names(task: TaskData) -> tuple[str, ...]:
+    """The metrics ``evaluate_tasks`` reports for a task (besides ``n`` and ``top_confused``)."""
+    kind = task.spec.kind
+    names = ("loss", "perplexity")
+    if kind == "classification":
+        names += ("accuracy", "macro_f1", "mcc")
+        return names + (("f1",) if len(task.spec.label_names) == 2 else ())
+    if kind == "multiple_choice":
+        return names + ("accuracy", "text_accuracy")
+    names += ("bleu", "chrf", "rouge_l")
+    return names + (("exact_match", "token_f1") if kind == "qa" else ())
 
 
 def evaluate_tasks(
@@ -108,6 +122,15 @@ def _evaluate_task(
         preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
         result["accuracy"] = metrics.accuracy(preds, golds)
         result["samples"] = sample_predictions(source, examples, preds, golds)
+        # The same question answered by the choice texts themselves, each scored by its mean
+        # token log-prob, in case the model knows the answer but not which letter it has.
+        texts = {e.example_index: source[e.example_index].choice_texts for e in examples}
+        scores = choice_text_scores(model, examples, texts, tokenizer, cfg.eval.batch_size, pad_id)
+        by_text = []
+        for e in examples:
+            choice_scores = scores[e.example_index]
+            by_text.append(candidates[e.example_index][choice_scores.index(max(choice_scores))])
+        result["text_accuracy"] = metrics.accuracy(by_text, golds)
     else:
         end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
         texts = greedy_generate(

@@ -9,9 +9,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from multitune.data.batching import collate, left_pad
-from multitune.data.formatting import TokenizedExample, chat_pieces
+from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
-from multitune.losses.causal_lm import next_token_targets, token_losses
+from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
 
@@ -64,7 +64,7 @@ def label_trie(
     return LabelTrie.from_token_sequences(sequences, end_id, label_names=list(names))
 
 
-def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, cache=None):
+def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, use_cache=True):
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     # Left padding: positions count real tokens only, as they did in training.
@@ -73,8 +73,8 @@ def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, cache=
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        use_cache=True,
-        past_key_values=cache,
+        use_cache=use_cache,
+        logits_to_keep=1,  # only the next-token distribution is read: no [B, T, vocab] logits
     )
     return out, mask, positions
 
@@ -137,19 +137,92 @@ def choice_letters(
     each letter; no generation. Returns example index -> choice index.
     """
     device = next(model.parameters()).device
+    first_token = {}  # letter -> its first token id; a handful of letters, tokenized once
     predictions = {}
     for batch in by_length(examples, batch_size):
         out, _, _ = _prompt_forward(
-            model, [e.input_ids[: e.prompt_length] for e in batch], pad_id, device
+            model, [e.input_ids[: e.prompt_length] for e in batch], pad_id, device, False
         )
         logits = out.logits[:, -1, :].float()
         for row, example in enumerate(batch):
             letters = candidates[example.example_index]
-            ids = [
-                tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in letters
-            ]
+            for letter in letters:
+                if letter not in first_token:
+                    first_token[letter] = tokenizer(letter, add_special_tokens=False)["input_ids"][
+                        0
+                    ]
+            ids = [first_token[letter] for letter in letters]
             predictions[example.example_index] = int(logits[row, ids].argmax())
     return predictions
+
+
+@torch.no_grad()
+def choice_text_scores(
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    choice_texts: dict[int, tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    pad_id: int,
+) -> dict[int, list[float]]:
+    """Length-normalised log-likelihood of each choice's full text as the answer.
+
+    Each choice text is appended to the question's prompt (tokenized as the answer content would
+    be) and scored by the mean log-prob of its tokens, so long choices are not penalised for
+    their length. A question's prompt runs once; its KV cache is copied to one row per choice and
+    the choice tokens of every row run in one more pass, right-padded, positions continuing the
+    prompt's. About ``batch_size`` choice rows go through each pass. Returns example index ->
+    one score per choice.
+    """
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    encoded: dict[str, list[int]] = {}
+    most_choices = max(len(choice_texts[e.example_index]) for e in examples)
+    scores = {}
+    for batch in by_length(examples, max(1, batch_size // most_choices)):
+        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # log p(first answer token) comes from the prompt's last position.
+        first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
+        owners, answers = [], []
+        for question, example in enumerate(batch):
+            for text in choice_texts[example.example_index]:
+                if text not in encoded:
+                    encoded[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+                owners.append(question)
+                answers.append(encoded[text])
+        index = torch.tensor(owners, device=device)
+        cache = out.past_key_values
+        cache.reorder_cache(index)  # one copy of the question's cache per choice row
+        width = max(len(a) for a in answers)
+        choice_ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+        choice_mask = torch.zeros((len(answers), width), dtype=torch.long)
+        targets = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
+        for row, answer in enumerate(answers):
+            choice_ids[row, : len(answer)] = torch.tensor(answer)
+            choice_mask[row, : len(answer)] = 1
+            targets[row, : len(answer) - 1] = torch.tensor(answer[1:])  # position k predicts k+1
+        hidden = decoder(
+            input_ids=choice_ids.to(device),
+            attention_mask=torch.cat([mask[index], choice_mask.to(device)], dim=1),
+            position_ids=positions[index, -1:] + 1 + torch.arange(width, device=device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        rest = token_logprobs(hidden, head, targets.to(device)).sum(-1)
+        first_ids = torch.tensor([a[0] for a in answers], device=device)
+        totals = first[index, first_ids] + rest
+        lengths = torch.tensor([len(a) for a in answers], device=device)
+        row = 0
+        for example in batch:
+            count = len(choice_texts[example.example_index])
+            scores[example.example_index] = (
+                totals[row : row + count] / lengths[row : row + count]
+            ).tolist()
+            row += count
+    return scores
 
 
 @torch.no_grad()

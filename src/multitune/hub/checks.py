@@ -1,17 +1,15 @@
 """Checks that a Hub push or a gated base model will work, run before any training.
 
-Each check raises ``HubError`` with the fix in the message. They are plain functions so that
-``multitune preflight`` can call them one by one; ``check_hub_before_training`` is what a
-training run with ``hub.push`` / ``hub.push_checkpoints`` runs. The Hub address comes from
-``HF_ENDPOINT`` (huggingface.co by default), the token from ``HF_TOKEN``.
+Each check raises ``HubError`` with the fix in the message; ``multitune push`` runs them before
+uploading. (A training run is checked by ``multitune.preflight``, which has its own list-of-
+failures versions of the same checks.) The Hub address comes from ``HF_ENDPOINT``
+(huggingface.co by default), the token from ``HF_TOKEN``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-
-from multitune.config.schema import RunConfig
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 TINY_MODEL_NAME = "builtin:tiny-llama"  # equal to multitune.models.tiny.TINY_MODEL_NAME
@@ -137,14 +135,3 @@ def check_base_model_access(model_name: str, token: str | None) -> None:
                 f"model.name {model_name} was not found on the Hub (or is private and HF_TOKEN "
                 "cannot see it): check the spelling, e.g. meta-llama/Llama-3.2-1B-Instruct"
             ) from None
-
-
-def check_hub_before_training(cfg: RunConfig) -> None:
-    """Everything a configured push needs, checked before any model is loaded."""
-    if not (cfg.hub.push or cfg.hub.push_checkpoints):
-        return
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return  # one check per node: the Hub rate-limits whoami; a failure stops all ranks
-    token = require_token("hub.push" if cfg.hub.push else "hub.push_checkpoints")
-    check_write_access(cfg.hub.repo, token)
-    check_base_model_access(cfg.model.name, token)

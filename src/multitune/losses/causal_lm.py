@@ -26,7 +26,9 @@ def token_losses(
     mask = targets != IGNORE_INDEX
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     if not mask.any():
-        return out + hidden.sum() * 0.0  # keeps the graph connected; contributes nothing
+        # Contributes nothing, but runs the head like any other batch: the graph stays
+        # connected, and under FSDP every rank runs the same forwards and collectives.
+        return out + head(hidden[:, :1]).sum() * 0.0
     logits = head(hidden[mask]).float()
     out[mask] = F.cross_entropy(logits, targets[mask], reduction="none")
     return out

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from multitune.config.schema import ModelConfig
+from multitune.models.quantization import quantization_config, quantize_in_memory_model
 from multitune.models.tiny import TINY_MODEL_NAME, build_tiny_model, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def load_model_and_tokenizer(
     """Load the base model (frozen later by LoRA) and its tokenizer.
 
     ``corpus`` trains the built-in tokenizer; ``saved_base`` reloads a built-in model a run saved,
-    so evaluating an adapter uses exactly the weights it was trained on.
+    so evaluating an adapter uses exactly the weights it was trained on (a quantized run saved
+    its base quantized, and it reloads so). ``model.quantization`` loads the base in 4 or 8 bits.
     """
     dtype = resolve_dtype(cfg, device)
     if cfg.name == TINY_MODEL_NAME:
@@ -60,17 +62,32 @@ def load_model_and_tokenizer(
         else:
             tokenizer = train_tiny_tokenizer(corpus, cfg.tiny.tokenizer_vocab_size)
             model = build_tiny_model(cfg.tiny, tokenizer, seed).to(dtype)
+            if cfg.quantization != "none":
+                model = quantize_in_memory_model(model, cfg, device)
         model.config._attn_implementation = resolve_attn_implementation(cfg, device)
-        return model.to(device), tokenizer
+        return _to_device(model, device), tokenizer
     tokenizer = _from_hub(AutoTokenizer, cfg)
+    quantization = quantization_config(cfg)
     model = _from_hub(
         AutoModelForCausalLM,
         cfg,
         dtype=dtype,
         attn_implementation=resolve_attn_implementation(cfg, device),
+        # Quantized weights are placed as they load; they cannot be moved with .to() afterwards.
+        **(
+            {"quantization_config": quantization, "device_map": {"": device}}
+            if quantization
+            else {}
+        ),
     )
     ensure_pad_token(tokenizer, model)
-    return model.to(device), tokenizer
+    return _to_device(model, device), tokenizer
+
+
+def _to_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model  # placed by from_pretrained's device_map
+    return model.to(device)
 
 
 def ensure_pad_token(tokenizer: Tokenizer, model: PreTrainedModel) -> None:

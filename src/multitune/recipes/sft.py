@@ -4,6 +4,10 @@ Read top to bottom: every stage of a run is one call in ``run``, and the loop sh
 (batch, forward/backward per micro-batch, clip, optimizer step, schedule, log, checkpoint) in
 order. A run resumes exactly from a checkpoint in OUTPUT_DIR/checkpoints (see ``resume`` in the
 config), and SIGTERM/SIGUSR1 make it save and stop after the current optimizer step.
+
+Under torchrun every process runs this same function: the model is sharded or replicated per
+``distributed.strategy`` (``multitune.distributed``), each rank trains on its share of every
+global batch, and only rank 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,20 +41,35 @@ from multitune.config.schema import RunConfig
 from multitune.data.batching import collate
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
+from multitune.distributed.batches import (
+    global_answer_tokens,
+    rank_micro_batches,
+    rank_share,
+    sum_step_results,
+)
+from multitune.distributed.process_group import (
+    DistContext,
+    any_rank,
+    destroy_distributed,
+    init_distributed,
+    local_rank_zero_first,
+)
+from multitune.distributed.strategy import (
+    apply_strategy,
+    choose_strategy,
+    frozen_bytes,
+    full_trainable_state,
+)
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
+from multitune.evaluation.validation import TrainingEvaluation
 from multitune.hub.card import write_model_card
-from multitune.hub.checks import check_hub_before_training
-from multitune.models.loading import load_model_and_tokenizer, pick_device
+from multitune.models.loading import load_model_and_tokenizer
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
+from multitune.preflight.registry import check_preflight
 from multitune.tracking.plots import write_plots
-from multitune.tracking.tracker import (
-    Tracker,
-    check_tracking_credentials,
-    peak_memory_gb,
-    start_tracking,
-)
+from multitune.tracking.tracker import Tracker, peak_memory_gb, start_tracking
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
 from multitune.training.state import plan_batches, seed_everything
@@ -66,7 +86,6 @@ RESUME_FIXED_KEYS = ("seed", "model", "lora", "tasks", "data", "train")
 RESUME_FREE_TRAIN_KEYS = (
     "max_steps",
     "log_every_steps",
-    "eval_every_steps",
     "progress_bar",
     "epochs",
 )
@@ -77,34 +96,51 @@ def run(cfg: RunConfig) -> dict:
     """Train, evaluate and save one run; returns the final eval results.
 
     Resumes per ``cfg.resume``. After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``
-    without the final evaluation.
+    without the final evaluation. Under torchrun, call it in every process.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without this, each torchrun worker would train its own full copy of the run.
-        raise RuntimeError(
-            "multi-process training (torchrun with WORLD_SIZE > 1) is not implemented yet; "
-            "run `multitune train` as one process"
-        )
+    check_preflight(cfg)  # tokens, hub access, disk, launch: all failures before any loading
+    ctx = init_distributed(cfg.distributed)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        destroy_distributed(ctx)
+
+
+def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
     resume_from = choose_resume_checkpoint(cfg, out)
-    # Missing credentials fail here, before any model or data is loaded.
-    check_tracking_credentials(cfg)
-    check_hub_before_training(cfg)
+    # Credentials were checked by check_preflight; W&B (rank 0) starts before any loading.
     tracker = start_tracking(cfg, out, tracker_run_id(resume_from))
-    (out / "config.yaml").write_text(dump_config(cfg))
+    if ctx.is_main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+    # The same seed on every rank: replicated LoRA weights must start equal.
     seed_everything(cfg.seed)
     started = time.perf_counter()
 
-    tasks = load_tasks(cfg)
-    device = pick_device()
-    model, tokenizer = load_model_and_tokenizer(cfg.model, training_corpus(tasks), cfg.seed, device)
+    device = ctx.device
+    with local_rank_zero_first(ctx):  # hub downloads once per node
+        tasks = load_tasks(cfg)
+        # Checks eval.best_metric against the tasks' metrics now, before the model loads.
+        # ``save`` reads ``model`` when called, so it saves the LoRA-wrapped model of the loop.
+        evaluation = TrainingEvaluation(
+            cfg,
+            tasks,
+            out,
+            save=lambda path: save_adapter_from_all_ranks(model, tokenizer, path, out, ctx),
+            resumed=resume_from is not None,
+            is_main=ctx.is_main,
+        )
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, training_corpus(tasks), cfg.seed, device
+        )
     tokenize_tasks(tasks, tokenizer, cfg)
-    (out / "data_report.json").write_text(
-        json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
-    )
-    if cfg.model.name == TINY_MODEL_NAME:
+    if ctx.is_main:
+        (out / "data_report.json").write_text(
+            json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
+        )
+    if cfg.model.name == TINY_MODEL_NAME and ctx.is_main:
         # The built-in base exists nowhere else; keep it so the adapter can be reloaded.
         model.save_pretrained(out / "base_model")
         tokenizer.save_pretrained(out / "base_model")
@@ -121,8 +157,18 @@ def run(cfg: RunConfig) -> dict:
         100 * trainable / total,
     )
 
+    if ctx.initialized:
+        base_bytes = frozen_bytes(model)  # before the tie is separated below
     separate_tied_frozen_parameters(model)  # after counting: a tie still holds one tensor
+    if ctx.initialized:
+        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
+        log.info("distributed strategy %s (%s)", strategy, why)
+        apply_strategy(model, strategy, ctx)
+        # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
+        seed_everything(cfg.seed + ctx.rank)
 
+    # Evaluation runs on every rank in lockstep over the same examples (sharded layers
+    # all-gather in each forward, so all ranks must run the same forwards); rank 0 writes.
     base_results = None
     if cfg.eval.before_training:
         with model.disable_adapter():
@@ -140,29 +186,88 @@ def run(cfg: RunConfig) -> dict:
             resume_from,
             stop_requests,
             checkpointing,
-            tracker,
+            ctx,
+            evaluation,
+            tracker=tracker,
         )
     if not finished:
         tracker.finish()
         log.info(
             "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
             "skipped)",
-            stop_requests[0],
+            stop_requests[0] if stop_requests else "a signal to another rank",
         )
         return {}
 
-    final = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", confusion_dir=out / "confusion"
+    # The loop's evaluation at the last step is the final one (none when resumed at the end).
+    final = evaluation.final_results or evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        cfg,
+        split="validation",
+        confusion_dir=out / "confusion" if ctx.is_main else None,
     )
-    save_adapter(model, tokenizer, out / "adapter", out / "base_model")
+    save_adapter_from_all_ranks(model, tokenizer, out / "adapter", out, ctx)
+    if not ctx.is_main:
+        return {}
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
     tracker.log_evaluation(results, out / "confusion")
-    if rank_and_world_size()[0] == 0:
-        publish_run(cfg, out)
+    publish_run(cfg, out)
     tracker.finish()
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
     return results
+
+
+@dataclass
+class TrainingData:
+    """What one training stage feeds the loop; SFT's is ``sft_training_data``, DPO's in dpo.py.
+
+    ``epoch_items(epoch)`` is the epoch's ordered items (a pure function of the seed and epoch, so
+    a resumed run recomputes it); ``collate(items)`` makes one micro-batch of them;
+    ``window_step(model, micro_batches)`` runs forward/backward over this rank's micro-batches of
+    one accumulation window and returns what ``new_log_window()``'s ``add`` sums for logging;
+    ``fixed_config`` is what a checkpoint of this stage may only be resumed with.
+    """
+
+    num_examples: int
+    epoch_items: Callable[[int], list]
+    collate: Callable[[list], object]
+    window_step: Callable[[torch.nn.Module, list], object]
+    new_log_window: Callable[[], object]
+    fixed_config: dict
+
+
+def sft_training_data(
+    tokenizer, tasks: list[TaskData], cfg: RunConfig, device, ctx: DistContext
+) -> TrainingData:
+    """The mixed multi-task examples, with token-exact SFT accumulation over all ranks."""
+    sizes = [len(t.tokenized["train"]) for t in tasks]
+    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
+    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
+    pad_id = tokenizer.pad_token_id
+
+    def epoch_items(epoch: int) -> list:
+        return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
+
+    def collate_ids(ids) -> dict:
+        return collate([tasks[t].tokenized["train"][i] for t, i in ids], pad_id)
+
+    def window_step(model, batches):
+        # Every rank divides by the answer tokens of the whole global batch.
+        window_tokens = global_answer_tokens(ctx, batches) if ctx.initialized else None
+        result = accumulate_gradients(model, batches, loss_weights, len(tasks), window_tokens)
+        return sum_step_results(ctx, result)
+
+    return TrainingData(
+        sum(sizes),
+        epoch_items,
+        collate_ids,
+        window_step,
+        lambda: _LogWindow(len(tasks), device),
+        resume_fixed_config(cfg),
+    )
 
 
 def train_loop(
@@ -175,18 +280,23 @@ def train_loop(
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
     checkpointing: bool = True,
+    ctx: DistContext | None = None,
+    evaluation: TrainingEvaluation | None = None,
+    data: TrainingData | None = None,
     tracker: Tracker | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
-    ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty, the loop finishes
-    the current optimizer step, saves a checkpoint, logs and returns False.
+    ``stop_requests`` is filled by ``stop_signals_caught``: once non-empty (on any rank), the
+    loop finishes the current optimizer step, saves a checkpoint, logs and returns False.
+    ``evaluation`` scores the validation split every ``eval.every_steps`` and at the last step,
+    and keeps OUTPUT_DIR/best/ (None: no evaluation during training). ``data`` is the stage's
+    items and window step (default: SFT on the tasks' training examples).
     """
-    sizes = [len(t.tokenized["train"]) for t in tasks]
-    probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
-    plan = plan_batches(cfg.train, sum(sizes))
+    ctx = ctx or DistContext(device=device)
+    data = data or sft_training_data(tokenizer, tasks, cfg, device, ctx)
+    plan = plan_batches(cfg.train, data.num_examples, ctx.world_size)
     log.info("batch plan: %s", plan.describe())
-    loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     step, first_epoch, first_position = 0, 0, 0
@@ -202,32 +312,33 @@ def train_loop(
             first_position,
         )
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
-    fixed_config = resume_fixed_config(cfg)
+    fixed_config = data.fixed_config
     stop_requests = [] if stop_requests is None else stop_requests
-    # A tracker passed in outlives the loop (the final evaluation is logged to it too).
+    # A tracker passed in outlives the loop (the final evaluation is logged to it too); on
+    # ranks other than 0 it logs nothing.
     logger = tracker if tracker is not None else start_tracking(cfg, out)
-    window = _LogWindow(len(tasks), device)
-    pad_id = tokenizer.pad_token_id
+    window = data.new_log_window()
     model.train()
     try:
-        with progress_bar(plan.total_steps, cfg.train.progress_bar) as advance:
+        show_progress = cfg.train.progress_bar and ctx.is_main
+        with progress_bar(plan.total_steps, show_progress) as advance:
             advance(step, "")
             for epoch in range(first_epoch, cfg.train.epochs):
                 # A pure function of (seed, epoch): a resumed run recomputes the same order.
-                order = epoch_order(sizes, probabilities, cfg.seed, epoch)
+                order = data.epoch_items(epoch)
                 first = first_position if epoch == first_epoch else 0
                 for start in range(first, len(order), plan.global_batch):
                     if step >= plan.total_steps:
                         break
-                    chosen = [
-                        tasks[t].tokenized["train"][i]
-                        for t, i in order[start : start + plan.global_batch]
-                    ]
-                    micro_batches = [
-                        collate(chosen[i : i + plan.micro_batch_size], pad_id)
-                        for i in range(0, len(chosen), plan.micro_batch_size)
-                    ]
-                    result = accumulate_gradients(model, micro_batches, loss_weights, len(tasks))
+                    chosen = order[start : start + plan.global_batch]
+                    # This rank's share of the global batch (all of it in one process).
+                    micro_batches = rank_micro_batches(
+                        chosen, ctx, plan.micro_batch_size, data.collate
+                    )
+                    if log.isEnabledFor(logging.DEBUG):
+                        mine = rank_share(chosen, ctx.rank, ctx.world_size)
+                        log.debug("step %d rank %d examples %s", step + 1, ctx.rank, list(mine))
+                    result = data.window_step(model, micro_batches)
                     grad_norm = clip_and_check(model, cfg.train.max_grad_norm, step)
                     optimizer.step()
                     scheduler.step()
@@ -236,7 +347,10 @@ def train_loop(
                     window.add(result, grad_norm)
                     consumed = start + len(chosen)
                     fractional_epoch = epoch + min(1.0, consumed / len(order))
-                    stopping = bool(stop_requests)
+                    # Every rank must take these decisions together (collectives follow).
+                    stopping, checkpoint_due = any_rank(
+                        ctx, bool(stop_requests), checkpoints.due(step)
+                    )
                     if (
                         step % cfg.train.log_every_steps == 0
                         or step == plan.total_steps
@@ -245,29 +359,28 @@ def train_loop(
                         _log_train_record(
                             logger, window, advance, step, plan, fractional_epoch, scheduler, tasks
                         )
-                    every = cfg.train.eval_every_steps
-                    if (every and step % every == 0) or step == plan.total_steps:
+                    if evaluation is not None and evaluation.due(step, plan.total_steps):
                         logger.log(
-                            _validation_record(
+                            evaluation.run(
                                 model,
                                 tokenizer,
-                                tasks,
-                                cfg,
                                 step,
+                                plan.total_steps,
                                 fractional_epoch,
-                                scheduler,
-                                window,
+                                scheduler.get_last_lr()[0],
+                                window.last_tokens_per_s,
                             )
                         )
                     # Saved last in the step, so its RNG state is the one the next step starts
                     # from in an uninterrupted run.
                     state = _train_state(step, epoch, consumed, len(order), fixed_config)
                     state["tracker_run_id"] = logger.run_id
-                    if stopping or checkpoints.due(step):
+                    if stopping or checkpoint_due:
                         _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
                         checkpoints.saved(step)
                     if stopping:
-                        log.info("%s received: stopped at step %d", stop_requests[0], step)
+                        signal_name = stop_requests[0] if stop_requests else "a stop signal"
+                        log.info("%s received: stopped at step %d", signal_name, step)
                         return False
                     advance(1, "")
             if checkpoints.enabled and checkpoints.last_step != step:
@@ -346,8 +459,9 @@ def resume_fixed_config(cfg: RunConfig) -> dict:
     return fixed
 
 
-def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
-    """The step folder to resume from per ``cfg.resume``, checked against the current config."""
+def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = None) -> Path | None:
+    """The step folder to resume from per ``cfg.resume``, checked against the current config
+    (``fixed``: the stage's fixed config, default ``resume_fixed_config(cfg)``)."""
     root = out / "checkpoints"
     if cfg.resume == "never":
         if list_committed(root):
@@ -355,7 +469,7 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         path = find_resume_checkpoint(root)
-        if path is None and cfg.hub.push_checkpoints:
+        if path is None and mirrors_checkpoints(cfg, out):
             from multitune.hub.push import download_latest_checkpoint
 
             if download_latest_checkpoint(cfg.hub.repo, root) is not None:
@@ -368,7 +482,7 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
                 f"resume={cfg.resume}: not a valid checkpoint: " + "; ".join(problems)
             )
     if path is not None:
-        check_resume_config(path, cfg)
+        check_resume_config(path, cfg, fixed)
     return path
 
 
@@ -383,6 +497,11 @@ def publish_run(cfg: RunConfig, out: Path) -> None:
         push_run(out, cfg.hub.repo, private=cfg.hub.private)
 
 
+def mirrors_checkpoints(cfg: RunConfig, out: Path) -> bool:
+    """hub.push_checkpoints mirrors the SFT stage (OUTPUT_DIR/checkpoints) only, not DPO's."""
+    return cfg.hub.push_checkpoints and Path(out).resolve() == Path(cfg.output_dir).resolve()
+
+
 def tracker_run_id(checkpoint: Path | None) -> str | None:
     """The tracker (W&B) run id saved with a checkpoint, so a resumed run continues that run."""
     if checkpoint is None:
@@ -390,9 +509,9 @@ def tracker_run_id(checkpoint: Path | None) -> str | None:
     return json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("tracker_run_id")
 
 
-def check_resume_config(path: Path, cfg: RunConfig) -> None:
+def check_resume_config(path: Path, cfg: RunConfig, fixed: dict | None = None) -> None:
     """Raise naming every fixed key (see RESUME_FIXED_KEYS) that differs from the checkpoint's."""
-    current = resume_fixed_config(cfg)
+    current = fixed if fixed is not None else resume_fixed_config(cfg)
     if read_manifest(path).config_hash == config_hash(current):
         return
     saved = json.loads((path / TRAIN_STATE_FILE).read_text()).get("fixed_config")
@@ -440,7 +559,7 @@ def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, sta
         cfg.checkpoint.keep_last,
         config_hash=config_hash(state["fixed_config"]),
     )
-    if cfg.hub.push_checkpoints and rank_and_world_size()[0] == 0:
+    if mirrors_checkpoints(cfg, out) and rank_and_world_size()[0] == 0:
         from multitune.hub.push import push_checkpoint
 
         push_checkpoint(path, cfg.hub.repo)
@@ -487,25 +606,6 @@ def stop_signals_caught(enabled: bool = True):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _validation_record(model, tokenizer, tasks, cfg, step, epoch, scheduler, window) -> dict:
-    results = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", with_predictions=False
-    )
-    losses = [r["loss"] * r["n"] for r in results.values()]
-    record = {
-        "step": step,
-        "epoch": round(epoch, 4),
-        "split": "validation",
-        "loss": sum(losses) / sum(r["n"] for r in results.values()),
-        "lr": scheduler.get_last_lr()[0],
-        "tokens_per_s": window.last_tokens_per_s,
-    }
-    for name, values in results.items():
-        record[f"task/{name}/loss"] = values["loss"]
-        record[f"task/{name}/perplexity"] = values["perplexity"]
-    return record
 
 
 class _LogWindow:
@@ -557,9 +657,20 @@ class _LogWindow:
         return record
 
 
-def save_adapter(model, tokenizer, path: Path, saved_base: Path) -> None:
-    """A standard PEFT adapter folder plus the tokenizer."""
-    model.save_pretrained(path)
+def save_adapter_from_all_ranks(model, tokenizer, path: Path, out: Path, ctx: DistContext) -> None:
+    """Call on every rank: gathers a sharded model's whole trainable tensors (a collective),
+    then rank 0 writes the adapter folder."""
+    state = full_trainable_state(model) if ctx.initialized else None
+    if ctx.is_main:
+        save_adapter(model, tokenizer, path, out / "base_model", state)
+
+
+def save_adapter(
+    model, tokenizer, path: Path, saved_base: Path, state_dict: dict | None = None
+) -> None:
+    """A standard PEFT adapter folder plus the tokenizer; ``state_dict``: the gathered whole
+    trainable tensors of a sharded model (the model's own are DTensor shards)."""
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if saved_base.is_dir():
         # Point the adapter at the saved built-in base, so AutoPeftModel can load it.

@@ -26,3 +26,13 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 alone writes metrics.jsonl)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

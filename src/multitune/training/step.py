@@ -29,16 +29,23 @@ def accumulate_gradients(
     micro_batches: list[dict[str, torch.Tensor]],
     task_loss_weights: torch.Tensor,
     num_tasks: int,
+    window_tokens: int | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch; gradients end normalised by the window's token count.
 
     Each micro-batch contributes sum(weighted token losses) / N, with N the answer tokens of the
-    whole window, so 1 x batch 8 and 8 x batch 1 produce the same gradient.
+    whole window, so 1 x batch 8 and 8 x batch 1 produce the same gradient. Under data
+    parallelism ``window_tokens`` is N over all ranks (this rank holds a share of the window);
+    by default N counts this rank's micro-batches.
     """
     decoder, head = decoder_and_head(model)
     device = task_loss_weights.device
     targets = [next_token_targets(mb["labels"]).to(device) for mb in micro_batches]
-    num_tokens = int(sum(int((t != -100).sum()) for t in targets))
+    num_tokens = (
+        int(sum(int((t != -100).sum()) for t in targets))
+        if window_tokens is None
+        else window_tokens
+    )
     if num_tokens == 0:
         raise ValueError("an accumulation window holds no answer tokens")
     total = torch.zeros((), device=device)
@@ -73,6 +80,8 @@ def clip_and_check(model: torch.nn.Module, max_norm: float | None, step: int) ->
     """Clip gradients and refuse to step on a NaN/inf loss or gradient."""
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2) give a DTensor norm
+        norm = norm.full_tensor()
     if not torch.isfinite(norm):
         raise NonFiniteError(
             f"step {step}: gradient norm is {norm.item()}; lower train.lr or check the data"

@@ -1,0 +1,135 @@
+"""How the model is spread over the processes: ``distributed.strategy`` -> device mesh -> FSDP2.
+
+All three strategies are FSDP2 ``fully_shard`` on a device mesh, so one code path serves them
+(and the checkpointer sees DTensors in every case):
+
+- ``fsdp``: 1-D mesh over all processes; every parameter sharded across all of them.
+- ``hsdp``: 2-D mesh (nodes x processes per node): sharded within a node, replicated across
+  nodes, so only gradients cross the slower inter-node links.
+- ``ddp``: 2-D mesh (all processes x 1): replicated everywhere, gradients all-reduced.
+
+Under LoRA the base is frozen, so sharding it only saves memory and costs an all-gather of the
+base on every micro-batch; the gradients that must be reduced are the small LoRA ones. ``auto``
+therefore replicates (ddp, or hsdp over several nodes) whenever the base fits one GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from multitune.distributed.process_group import DistContext
+from multitune.models.lora import decoder_and_head
+
+log = logging.getLogger(__name__)
+
+# The base "fits one GPU" when its weights take at most this share of the GPU's memory; the rest
+# is for activations, the chunked loss, LoRA gradients and optimizer state.
+FIT_FRACTION = 0.5
+
+
+def choose_strategy(requested: str, base_bytes: int, ctx: DistContext) -> tuple[str, str]:
+    """(strategy, why) for ``distributed.strategy``; ``auto`` follows the rule in the docstring."""
+    if requested != "auto":
+        return requested, "set by distributed.strategy"
+    replicated = "hsdp" if ctx.num_nodes > 1 else "ddp"
+    where = f"{ctx.num_nodes} nodes" if ctx.num_nodes > 1 else "one node"
+    if ctx.device.type != "cuda":
+        return replicated, f"auto: no GPU, the base stays in host memory; {where} -> {replicated}"
+    gpu_bytes = torch.cuda.get_device_properties(ctx.device).total_memory
+    sizes = f"base weights {base_bytes / 2**30:.1f} GiB, GPU {gpu_bytes / 2**30:.1f} GiB"
+    if base_bytes <= FIT_FRACTION * gpu_bytes:
+        return replicated, (
+            f"auto: the base fits one GPU ({sizes}), so only LoRA gradients need to cross the "
+            f"network; {where} -> {replicated}"
+        )
+    return "fsdp", (
+        f"auto: the base does not fit one GPU with room to train ({sizes}; limit "
+        f"{FIT_FRACTION:.0%}) -> fsdp, sharded over all {ctx.world_size} processes"
+    )
+
+
+def build_mesh(strategy: str, ctx: DistContext) -> DeviceMesh:
+    device_type = ctx.device.type
+    if strategy == "fsdp":
+        return init_device_mesh(device_type, (ctx.world_size,), mesh_dim_names=("shard",))
+    if strategy == "hsdp":
+        shape = (ctx.num_nodes, ctx.world_size // ctx.num_nodes)
+    elif strategy == "ddp":
+        shape = (ctx.world_size, 1)
+    else:
+        raise ValueError(f"unknown distributed.strategy {strategy!r}")
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPU; plain float32 on CPU (gloo)."""
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> DeviceMesh:
+    """Shard (or replicate) ``model`` in place: one FSDP group per decoder layer, one for the
+    input embeddings and the output head together, and the decoder as root.
+
+    Build the optimizer afterwards: it must hold the DTensor parameters. The training step runs
+    the decoder and then the head on the answer positions only; the embedding/head group is kept
+    unsharded from the decoder's forward until the end of backward (``reshard_after_forward``
+    off), so the head call needs no all-gather of its own and tied embeddings (Llama 3.2) stay
+    one tensor. Gradients are summed, not averaged, over ranks: each rank's loss is already
+    divided by the global answer-token count.
+    """
+    if any(p.requires_grad for p in _embedding_and_head_parameters(model)):
+        raise ValueError(
+            "lora.modules_to_save (a trained embed_tokens/lm_head) is not supported in "
+            "multi-process training yet; train adapters only, or run one process"
+        )
+    mesh = build_mesh(strategy, ctx)
+    policy = mixed_precision(ctx.device)
+    decoder, head = decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"{type(decoder).__name__} has no `layers` ModuleList to shard per decoder layer"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(
+        [decoder.get_input_embeddings(), head],
+        mesh=mesh,
+        mp_policy=policy,
+        reshard_after_forward=False,
+    )
+    fully_shard(decoder, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives (gloo has no pre-multiplied sum).
+            module.set_force_sum_reduction_for_comms(True)
+    return mesh
+
+
+def _embedding_and_head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    decoder, head = decoder_and_head(model)
+    return [*decoder.get_input_embeddings().parameters(), *head.parameters()]
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen (base) weights, each storage (a tied embedding) counted once."""
+    storages = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole trainable tensors (LoRA weights), gathered onto rank 0's CPU; empty on the
+    other ranks. A collective: call on every rank."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)

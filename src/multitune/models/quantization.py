@@ -1,0 +1,64 @@
+"""QLoRA: the frozen base held in 4-bit NF4 (or 8-bit) by bitsandbytes, LoRA on top.
+
+bitsandbytes (>= 0.48) runs its 4-bit and 8-bit layers on CPU as well as CUDA, so the same path
+is tested here on CPU. Weights are quantized as transformers loads them (``from_pretrained`` with
+a ``BitsAndBytesConfig``); the built-in tiny model, which is built in memory, goes through a
+temporary folder to take the same path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from multitune.config.schema import ModelConfig
+
+# 4-bit NF4 with double quantization and bf16 compute: the QLoRA recipe (Dettmers et al. 2023).
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def quantization_config(cfg: ModelConfig):
+    """The ``BitsAndBytesConfig`` for ``model.quantization``, or None when it is ``none``."""
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"model.quantization={cfg.quantization} needs bitsandbytes: "
+            "pip install -e '.[quant]' (bitsandbytes==0.50.2)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+        # A float storage dtype lets FSDP shard the packed weights like any other tensor.
+        bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
+    )
+
+
+def quantize_in_memory_model(model: PreTrainedModel, cfg: ModelConfig, device) -> PreTrainedModel:
+    """Reload a model built in memory with ``model.quantization`` applied (the tiny model)."""
+    with tempfile.TemporaryDirectory(prefix="multitune-quantize-") as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=quantization_config(cfg),
+            dtype=model.dtype,
+            device_map={"": device},
+        )
+
+
+def check_quantization_for_sharding(cfg: ModelConfig) -> None:
+    """Refuse 4-bit weights packed in uint8 under FSDP: sharding them trains silently to NaN."""
+    if cfg.quantization == "nf4" and cfg.quant_storage == "uint8":
+        raise ValueError(
+            "model.quant_storage=uint8 cannot be sharded by FSDP (training turns to NaN without "
+            "an error); set model.quant_storage: bfloat16 (the default)"
+        )

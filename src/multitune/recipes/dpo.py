@@ -1,0 +1,369 @@
+"""DPO after SFT: pairs -> reference log-probs (once, cached) -> the SFT loop -> evaluate -> save.
+
+Starts from an SFT adapter (OUTPUT_DIR/adapter after ``stages: [sft, dpo]``, or
+``multitune dpo CONFIG --adapter PATH``) and trains it further with ``dpo.train``'s settings.
+The loop is ``sft.train_loop`` itself, fed the pairs and the DPO window step, so checkpointing,
+resume, stop signals and logging are the SFT ones. No reference model is held in memory: the
+starting policy's log-probs of every training pair are computed once, before training, and
+cached on disk under a fingerprint of the tokenized pairs and the starting adapter's files.
+
+Outputs: OUTPUT_DIR/dpo_pairs.jsonl, and OUTPUT_DIR/dpo/ with adapter/, checkpoints/,
+metrics.jsonl, pairs_report.json, reference_logprobs.pt and confusion/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from multitune.config.schema import RunConfig
+from multitune.data import preference
+from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
+from multitune.evaluation.report import print_summary, write_eval_results
+from multitune.evaluation.runner import evaluate_tasks
+from multitune.evaluation.scoring import by_length
+from multitune.models.loading import load_model_and_tokenizer, pick_device
+from multitune.recipes.sft import (
+    RESUME_FREE_TRAIN_KEYS,
+    TrainingData,
+    checkpointing_supported,
+    choose_resume_checkpoint,
+    resume_fixed_config,
+    save_adapter,
+    separate_tied_frozen_parameters,
+    stop_signals_caught,
+    train_loop,
+)
+from multitune.training.dpo_step import TokenizedPair, dpo_window_step, sequence_logprobs
+from multitune.training.state import seed_everything
+
+log = logging.getLogger(__name__)
+STAGE_DIR = "dpo"
+REFERENCE_CACHE = "reference_logprobs.pt"
+
+
+def stage_config(cfg: RunConfig) -> RunConfig:
+    """The run config as the shared loop sees it during DPO: ``train`` = ``dpo.train``.
+
+    ``resume`` set to a step folder applies to the stage whose checkpoints hold it; for a folder
+    of the SFT stage, DPO resumes ``auto``.
+    """
+    resume = cfg.resume
+    own = (Path(cfg.output_dir) / STAGE_DIR / "checkpoints").resolve()
+    if resume not in ("auto", "never") and Path(resume).resolve().parent != own:
+        resume = "auto"
+    return cfg.model_copy(update={"train": cfg.dpo.train, "resume": resume})
+
+
+def dpo_fixed_config(cfg: RunConfig, adapter: Path) -> dict:
+    """A DPO checkpoint resumes only with the same model/data/tasks, dpo.train and dpo keys, and
+    the same starting adapter (by content)."""
+    fixed = resume_fixed_config(stage_config(cfg))
+    fixed["start_adapter"] = adapter_fingerprint(adapter)
+    dpo = cfg.dpo.model_dump(mode="json")
+    dpo["train"] = {k: v for k, v in dpo["train"].items() if k not in RESUME_FREE_TRAIN_KEYS}
+    fixed["dpo"] = dpo
+    return fixed
+
+
+def refuse_multi_process() -> None:
+    """The DPO stage runs in one process for now: its window step has no cross-rank pair count."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "the DPO stage does not run under torchrun yet (WORLD_SIZE > 1): train SFT with "
+            "torchrun and stages: [sft], then run `multitune dpo CONFIG --adapter "
+            "OUTPUT_DIR/adapter` as one process"
+        )
+
+
+def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
+    """DPO from ``adapter``; returns the eval results (``previous``: the SFT stage's, if any).
+
+    After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``.
+    """
+    refuse_multi_process()
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    out = Path(cfg.output_dir)
+    stage_dir = out / STAGE_DIR
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    fixed = dpo_fixed_config(cfg, adapter)
+    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed)
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+
+    tasks = load_tasks(cfg, include_test=False)
+    device = pick_device()
+    saved_base = adapter.parent / "base_model"
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, training_corpus(tasks), cfg.seed, device, saved_base=saved_base
+    )
+    tokenize_tasks(tasks, tokenizer, cfg)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    separate_tied_frozen_parameters(model)
+
+    pairs = build_pairs(model, tokenizer, tasks, cfg)
+    preference.write_pairs(out / "dpo_pairs.jsonl", pairs)
+    tokenized, report = {}, {}
+    for split, split_pairs in pairs.items():
+        tokenized[split], dropped = preference.tokenize_pairs(split_pairs, tokenizer, cfg)
+        report[split] = {"pairs": len(split_pairs), "kept": len(tokenized[split])}
+        report[split]["dropped"] = dict(dropped)
+        if dropped:
+            log.warning(
+                "dpo pairs [%s]: dropped %s of %d (data.max_seq_len=%d)",
+                split,
+                dict(dropped),
+                len(split_pairs),
+                cfg.data.max_seq_len,
+            )
+    (stage_dir / "pairs_report.json").write_text(json.dumps(report, indent=2))
+    if not tokenized["train"]:
+        raise ValueError(f"no DPO training pairs left ({report['train']}); see dpo.* settings")
+
+    pad_id = tokenizer.pad_token_id
+    reference = reference_logprobs(
+        model, tokenized["train"], pad_id, cfg.eval.batch_size, stage_dir / REFERENCE_CACHE, adapter
+    ).to(device)
+    before = preference_accuracy(model, tokenized["validation"], pad_id, cfg.eval.batch_size)
+    if previous is None:
+        previous = starting_results(model, tokenizer, tasks, cfg, adapter)
+
+    data = dpo_training_data(tokenized["train"], reference, cfg, pad_id, device, fixed)
+    checkpointing = checkpointing_supported(model)
+    with stop_signals_caught(checkpointing) as stop_requests:
+        finished = train_loop(
+            model,
+            tokenizer,
+            tasks,
+            stage_config(cfg),
+            stage_dir,
+            device,
+            resume_from,
+            stop_requests,
+            checkpointing,
+            data=data,
+        )
+    if not finished:
+        log.info("stopped by %s after saving a DPO checkpoint; run again to resume", stop_requests)
+        return {}
+
+    final = evaluate_tasks(
+        model, tokenizer, tasks, cfg, split="validation", confusion_dir=stage_dir / "confusion"
+    )
+    after = preference_accuracy(model, tokenized["validation"], pad_id, cfg.eval.batch_size)
+    save_adapter(model, tokenizer, stage_dir / "adapter", saved_base)
+    results = write_eval_results(
+        out,
+        previous["tasks"],
+        "validation",
+        previous.get("adapter"),
+        (previous.get("base") or {}).get("tasks"),
+        tasks,
+        dpo={
+            "tasks": final,
+            "adapter": f"{STAGE_DIR}/adapter",
+            "preference": {
+                "n": len(tokenized["validation"]),
+                "accuracy_before": before,
+                "accuracy_after": after,
+            },
+        },
+    )
+    print_summary(tasks, results)
+    log.info(
+        "DPO finished in %.1f s; held-out preference accuracy %s -> %s; outputs in %s",
+        time.perf_counter() - started,
+        before,
+        after,
+        stage_dir,
+    )
+    return results
+
+
+def build_pairs(model, tokenizer, tasks, cfg: RunConfig) -> dict[str, list]:
+    """Training and held-out pairs from ``dpo.dataset`` and/or the tasks ``dpo.tasks`` names."""
+    pairs: dict[str, list] = {"train": [], "validation": []}
+    if cfg.dpo.dataset:
+        for split, found in preference.dataset_pairs(cfg).items():
+            pairs[split] += found
+    chosen_tasks = preference.preference_tasks(cfg, tasks)
+    if chosen_tasks:
+        for split, found in preference.task_pairs(model, tokenizer, chosen_tasks, cfg).items():
+            pairs[split] += found
+    if not pairs["train"]:
+        raise ValueError(
+            "the DPO stage has no preference pairs: set dpo.dataset, or add a classification "
+            "or multiple_choice task (dpo.tasks)"
+        )
+    log.info(
+        "dpo pairs: %d train, %d held out (negatives: %s)",
+        len(pairs["train"]),
+        len(pairs["validation"]),
+        cfg.dpo.negatives,
+    )
+    return pairs
+
+
+def adapter_fingerprint(adapter: Path) -> str:
+    """sha256 over the adapter folder's adapter_* files (weights and config)."""
+    digest = hashlib.sha256()
+    for path in sorted(adapter.glob("adapter_*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for side in (pair.chosen, pair.rejected):
+            digest.update(json.dumps([side.input_ids, side.labels]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logprobs(
+    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """[pairs, 2] summed answer log-probs (chosen, rejected) of the model as it is now.
+
+    Eval mode (no LoRA dropout), adapter enabled: the starting policy itself is the reference.
+    """
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        sides = [(p.index, 0, p.chosen) for p in pairs] + [(p.index, 1, p.rejected) for p in pairs]
+        # task_index/example_index carry (side, pair) through the length-sorted batches.
+        examples = [
+            dataclasses.replace(example, task_index=side, example_index=index)
+            for index, side, example in sides
+        ]
+        for batch in by_length(examples, batch_size):
+            values = sequence_logprobs(model, batch, pad_id).float().cpu()
+            for example, value in zip(batch, values):
+                out[example.example_index, example.task_index] = value
+    finally:
+        model.train(was_training)
+    return out
+
+
+def reference_logprobs(
+    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, cache: Path, adapter: Path
+) -> torch.Tensor:
+    """The cached reference table when its fingerprint matches, else computed and cached."""
+    fingerprint = {"pairs": pairs_fingerprint(pairs), "adapter": adapter_fingerprint(adapter)}
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            log.info("reference log-probs: reusing %s (same pairs and starting adapter)", cache)
+            return saved["logprobs"]
+        log.info(
+            "reference log-probs: %s is for other pairs or another adapter; recomputing", cache
+        )
+    logprobs = compute_reference_logprobs(model, pairs, pad_id, batch_size)
+    partial = cache.with_suffix(".tmp")
+    torch.save({"fingerprint": fingerprint, "logprobs": logprobs}, partial)
+    partial.replace(cache)  # atomic: a crash never leaves a half-written table behind
+    log.info("reference log-probs: computed for %d pairs, cached in %s", len(pairs), cache)
+    return logprobs
+
+
+@torch.no_grad()
+def preference_accuracy(
+    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int
+) -> float | None:
+    """Share of pairs where the model gives the chosen answer the higher log-prob."""
+    if not pairs:
+        return None
+    scores = compute_reference_logprobs(model, pairs, pad_id, batch_size)
+    return float((scores[:, 0] > scores[:, 1]).float().mean())
+
+
+def starting_results(model, tokenizer, tasks, cfg: RunConfig, adapter: Path) -> dict:
+    """`multitune dpo` alone: evaluate the starting adapter (and the base) for the table."""
+    results = {"adapter": str(adapter)}
+    if cfg.eval.before_training:
+        with model.disable_adapter():
+            results["base"] = {"tasks": evaluate_tasks(model, tokenizer, tasks, cfg)}
+    results["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg)
+    return results
+
+
+def dpo_training_data(
+    pairs: list[TokenizedPair], reference: torch.Tensor, cfg: RunConfig, pad_id, device, fixed
+) -> TrainingData:
+    def epoch_items(epoch: int) -> list:
+        order = list(range(len(pairs)))
+        random.Random(f"{cfg.seed}-dpo-{epoch}").shuffle(order)
+        return [pairs[i] for i in order]
+
+    def window_step(model, micro_batches):
+        return dpo_window_step(model, micro_batches, reference, cfg.dpo, pad_id)
+
+    return TrainingData(
+        len(pairs), epoch_items, list, window_step, lambda: PreferenceLogWindow(device), fixed
+    )
+
+
+class PreferenceLogWindow:
+    """DPO figures summed on device between log events (the SFT window's counterpart)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.last_tokens_per_s = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self.loss_sum, self.chosen, self.rejected, self.correct = zero, zero, zero, zero
+        self.nll, self.grad_norm_sum = zero, zero
+        self.pairs = self.chosen_tokens = self.input_tokens = self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, result, grad_norm) -> None:
+        self.loss_sum = self.loss_sum + result.loss
+        self.chosen = self.chosen + result.chosen_reward_sum
+        self.rejected = self.rejected + result.rejected_reward_sum
+        self.correct = self.correct + result.correct
+        self.nll = self.nll + result.chosen_nll_sum
+        self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach()
+        self.pairs += result.num_pairs
+        self.chosen_tokens += result.num_chosen_tokens
+        self.input_tokens += result.num_input_tokens
+        self.steps += 1
+
+    def flush(self, step: int, epoch: float, lr: float, tasks) -> dict:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.last_tokens_per_s = self.input_tokens / elapsed
+        chosen, rejected = self.chosen / self.pairs, self.rejected / self.pairs
+        means = {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margin": chosen - rejected,
+            "rewards/accuracy": self.correct / self.pairs,
+        }
+        record = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "split": "train",
+            "stage": "dpo",
+            "loss": (self.loss_sum / self.steps).item(),
+            "lr": lr,
+            "grad_norm": (self.grad_norm_sum / self.steps).item(),
+            "tokens_per_s": self.last_tokens_per_s,
+            **{key: value.item() for key, value in means.items()},
+            "chosen_nll": (self.nll / self.chosen_tokens).item(),
+        }
+        self._reset()
+        return record

@@ -1,0 +1,105 @@
+"""One DPO optimizer step (chosen + rejected through the decoder) and sequence log-probs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from multitune.config.schema import DpoConfig
+from multitune.data.batching import collate
+from multitune.data.formatting import TokenizedExample
+from multitune.losses.causal_lm import next_token_targets, token_logprobs
+from multitune.losses.dpo import preference_loss
+from multitune.models.lora import decoder_and_head
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair tokenized with the SFT formatting; ``index`` is its reference-table row."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    index: int
+
+
+@dataclass
+class DpoStepResult:
+    """Sums over the accumulation window, on device (the log window divides at flush)."""
+
+    loss: torch.Tensor  # the window's objective: mean preference loss (+ weighted SFT term)
+    num_pairs: int
+    num_input_tokens: int
+    chosen_reward_sum: torch.Tensor
+    rejected_reward_sum: torch.Tensor
+    correct: torch.Tensor  # pairs whose chosen reward beats the rejected one
+    chosen_nll_sum: torch.Tensor  # summed -log p over chosen answer tokens
+    num_chosen_tokens: int
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, examples: list[TokenizedExample], pad_id: int
+) -> torch.Tensor:
+    """Summed log p(answer tokens | prompt) per example [B], on the labelled positions only."""
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    batch = collate(examples, pad_id)
+    hidden = decoder(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+    ).last_hidden_state
+    targets = next_token_targets(batch["labels"]).to(device)
+    return token_logprobs(hidden, head, targets).sum(dim=1)
+
+
+def dpo_window_step(
+    model: torch.nn.Module,
+    micro_batches: list[list[TokenizedPair]],
+    reference: torch.Tensor,
+    cfg: DpoConfig,
+    pad_id: int,
+) -> DpoStepResult:
+    """Forward/backward every micro-batch of pairs against cached reference log-probs.
+
+    ``reference`` is [pairs, 2] (chosen, rejected), indexed by ``TokenizedPair.index``. The
+    preference loss is normalised by the pairs of the whole window and the SFT term by the chosen
+    answer tokens of the window, so the gradient does not depend on how the window is split.
+    """
+    device = reference.device
+    num_pairs = sum(len(mb) for mb in micro_batches)
+    num_chosen_tokens = sum(p.chosen.num_answer_tokens for mb in micro_batches for p in mb)
+    if num_pairs == 0:
+        raise ValueError("an accumulation window holds no preference pairs")
+    zero = torch.zeros((), device=device)
+    total, chosen_sum, rejected_sum, correct, nll_sum = zero, zero, zero, zero, zero
+    num_input_tokens = 0
+    for pairs in micro_batches:
+        examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        num_input_tokens += sum(len(e.input_ids) for e in examples)
+        # Chosen and rejected in one forward pass: one decoder call per micro-batch.
+        logps = sequence_logprobs(model, examples, pad_id)
+        n = len(pairs)
+        ref = reference[torch.tensor([p.index for p in pairs], device=device)]
+        out = preference_loss(
+            logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing
+        )
+        loss = out.losses.sum() / num_pairs
+        nll = -logps[:n].sum()
+        if cfg.sft_weight:
+            loss = loss + cfg.sft_weight * nll / num_chosen_tokens
+        loss.backward()
+        total = total + loss.detach()
+        chosen_sum = chosen_sum + out.chosen_rewards.sum()
+        rejected_sum = rejected_sum + out.rejected_rewards.sum()
+        correct = correct + (out.chosen_rewards > out.rejected_rewards).sum()
+        nll_sum = nll_sum + nll.detach()
+    return DpoStepResult(
+        loss=total,
+        num_pairs=num_pairs,
+        num_input_tokens=num_input_tokens,
+        chosen_reward_sum=chosen_sum,
+        rejected_reward_sum=rejected_sum,
+        correct=correct,
+        chosen_nll_sum=nll_sum,
+        num_chosen_tokens=num_chosen_tokens,
+    )

@@ -1,0 +1,314 @@
+"""Multi-process training through the real CLI under torchrun (gloo on CPU), against a
+1-process run of the same config.
+
+Run shape: 3 tasks of 10 rows, 25 training examples, global batch 8 of micro-batches of 2, so
+an epoch is 4 optimizer steps and the last one holds a single example (at world size 2 one rank
+has nothing of it and runs a zero-gradient filler). Per process the accumulation is 8 / (2 x
+world): 4 in one process, 2 in two, 1 in four. LoRA dropout is 0, so 1 and N processes draw the
+same numbers; what differs is only the summation order (measured: losses within 2e-7, adapter
+tensors within 3e-7 absolute), hence the stated tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tests.conftest import REPO, small_config_dict
+
+from multitune.config import validate_config
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 4
+EXAMPLES = 25
+LOSS_RTOL = 1e-5
+ADAPTER_ATOL = 1e-5
+
+
+def run_config(output_dir: Path, **train) -> dict:
+    data = small_config_dict(output_dir, max_examples=10)
+    data["train"].update(
+        {
+            "epochs": 1,
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+            "log_every_steps": 1,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            **train,
+        }
+    )
+    data["eval"].update({"before_training": False, "max_examples": 4})
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    """A process writing into ``log`` (a pipe that nobody reads would stall it), in its own
+    session so the test can signal the agent together with its workers."""
+    with log.open("a") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=worker_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def torchrun_argv(
+    config: Path, nproc: int, *args: str, nnodes: int = 1, port: int, debug: bool = False
+) -> list:
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--nproc-per-node",
+        str(nproc),
+        *rendezvous,
+        "--rdzv-id",
+        "test",
+        "--local-addr",
+        "127.0.0.1",
+        *args,
+        "-m",
+        "multitune",
+        *(["--debug"] if debug else []),  # the per-rank example trace is a DEBUG record
+        "train",
+        str(config),
+    ]
+
+
+def write_config(data: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def wait(procs: list[subprocess.Popen], log: Path, timeout: float = 400) -> str:
+    try:
+        codes = [proc.wait(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    output = log.read_text()
+    assert codes == [0] * len(procs), _tail(output)
+    return output
+
+
+def _tail(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if " DEBUG " not in line)[-4000:]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
+
+
+def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def trained_examples(output: str) -> list[tuple[int, tuple[int, int]]]:
+    """(step, (task, example)) of every example some rank trained on, from the DEBUG trace."""
+    seen = []
+    for step, pairs in re.findall(r"step (\d+) rank \d+ examples (\[.*\])", output):
+        seen += [
+            (int(step), tuple(pair))
+            for pair in json.loads(pairs.replace("(", "[").replace(")", "]"))
+        ]
+    return seen
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict[int, float], dict[str, torch.Tensor], dict]:
+    """One process, no torchrun: per-step losses, the final adapter, the final evaluation."""
+    from multitune.recipes import sft
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    sft.run(validate_config(run_config(out)))
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses, adapter(out), eval_results(out)
+
+
+def eval_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "eval_results.json").read_text())
+
+
+def assert_matches_reference(output_dir: Path, reference, steps=range(1, STEPS + 1)) -> None:
+    ref_losses, ref_adapter, ref_eval = reference
+    losses = train_losses(output_dir)
+    for step in steps:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=LOSS_RTOL), step
+    trained = adapter(output_dir)
+    assert trained.keys() == ref_adapter.keys()
+    worst = max((trained[k] - ref_adapter[k]).abs().max().item() for k in trained)
+    assert worst <= ADAPTER_ATOL, worst
+    # A real difference from the untrained adapter: the comparison is not trivially true.
+    assert max(t.abs().max().item() for n, t in trained.items() if "lora_B" in n) > 1e-3
+    # The final evaluation, run by every rank in lockstep, scores like one process.
+    for task, expected in ref_eval["tasks"].items():
+        scored = eval_results(output_dir)["tasks"][task]
+        assert scored["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL), task
+        assert scored["accuracy"] == expected["accuracy"], task
+
+
+@pytest.mark.parametrize("strategy", ["hsdp", "fsdp"])
+def test_two_agents_on_localhost_match_one_process(tmp_path, reference, strategy):
+    # Two torchrun agents meet through a c10d rendezvous, as two nodes of a cluster would, with
+    # 2 processes each: hsdp shards within an agent and replicates across; fsdp shards over 4.
+    out = tmp_path / "run"
+    data = run_config(out)
+    data["eval"]["before_training"] = strategy == "fsdp"  # the base model, sharded, once
+    config = write_config(data, tmp_path / "config.yaml")
+    log, port = tmp_path / "agents.log", free_port()
+    argv = torchrun_argv(config, 2, nnodes=2, port=port) + [f"distributed.strategy={strategy}"]
+    output = wait([start(argv, log), start(argv, log)], log)
+    assert f"distributed strategy {strategy} (set by distributed.strategy)" in output
+    assert "4 processes (2 nodes x 2)" in output
+    assert "global batch 8 (micro 2 x accum 1 x 4 processes)" in output
+    assert_matches_reference(out, reference)
+    # Rank 0 alone writes outputs: one train record per step, not one per rank.
+    assert list(train_losses(out)) == list(range(1, STEPS + 1))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == STEPS + 1  # + validation
+    if strategy == "fsdp":
+        base = eval_results(out)["base"]["tasks"]
+        assert set(base) == set(reference[2]["tasks"])
+        after = eval_results(out)["tasks"]
+        # Scored with the adapter disabled: the base model's own, finite losses.
+        assert all(0 < base[t]["loss"] != pytest.approx(after[t]["loss"]) for t in base)
+
+
+def test_ddp_on_two_processes_then_resumed_on_one_sees_every_example_once(tmp_path, reference):
+    # 2 processes (ddp) stop after 2 of 4 steps; the same command on 1 process resumes from their
+    # checkpoint (DCP reshards) and continues the epoch's order at the example where they stopped.
+    out = tmp_path / "run"
+    config = write_config(run_config(out), tmp_path / "config.yaml")
+    log = tmp_path / "run.log"
+    first = torchrun_argv(config, 2, port=free_port(), debug=True)
+    first += ["distributed.strategy=ddp", "train.max_steps=2"]
+    output = wait([start(first, log)], log)
+    assert "distributed strategy ddp" in output
+    assert "global batch 8 (micro 2 x accum 2 x 2 processes)" in output
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+
+    second = [sys.executable, "-m", "multitune", "--debug", "train", str(config)]
+    output = wait([start(second, log)], log)  # the whole log: both runs
+    assert "resumed from step 2 " in output
+    assert "saved by 2 ranks, resuming with 1" in output
+
+    seen = trained_examples(output)
+    assert sorted({step for step, _ in seen}) == list(range(1, STEPS + 1))
+    examples = [pair for _, pair in seen]
+    assert len(examples) == EXAMPLES
+    assert len(set(examples)) == EXAMPLES  # none twice, and with 25 in all none skipped
+    assert_matches_reference(out, reference)
+
+
+def test_killed_worker_is_restarted_and_the_half_written_checkpoint_ignored(tmp_path, reference):
+    # A checkpoint every step. While one is being written (shards and .metadata on disk, not yet
+    # committed) both workers are frozen, one is killed, and torchrun (--max-restarts 1) starts
+    # the group again: it must resume from the last committed step and finish the same run.
+    out = tmp_path / "run"
+    data = run_config(out)
+    data["checkpoint"] = {"every_steps": 1, "keep_last": 10}
+    config = write_config(data, tmp_path / "config.yaml")
+    log = tmp_path / "run.log"
+    argv = torchrun_argv(config, 2, "--max-restarts", "1", port=free_port())
+    agent = start(argv + ["distributed.strategy=fsdp"], log)
+    try:
+        partial, committed = freeze_and_kill_during_save(agent, out / "checkpoints", log)
+    except BaseException:
+        kill_tree(agent)
+        raise
+    output = wait([agent], log)
+    last = max(committed)
+    assert f"resumed from step {last} " in output
+    assert not partial.exists()  # purged by the next commit
+    assert_matches_reference(out, reference, steps=range(last + 1, STEPS + 1))
+
+
+def freeze_and_kill_during_save(agent, root: Path, log: Path) -> tuple[Path, list[int]]:
+    """Wait for a ``step-*.tmp-*`` folder whose shards are written; then SIGSTOP the workers,
+    and if it is still uncommitted, SIGKILL one and let the other run into the broken group.
+    Returns the partial folder and the steps committed at that moment."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            pytest.fail(f"run ended before a save could be interrupted:\n{_tail(log.read_text())}")
+        partials = [p for p in root.glob("step-*.tmp-*") if (p / "dcp" / ".metadata").is_file()]
+        if not partials or partials[0].name.startswith("step-00000001."):  # keep one to resume
+            time.sleep(0.002)
+            continue
+        workers = child_pids(agent.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        partial = partials[0]
+        committed = [int(p.name[5:]) for p in root.glob("step-*") if ".tmp-" not in p.name]
+        if partial.is_dir() and committed and len(workers) == 2:
+            # Rank 0 commits; killed, it cannot commit after all.
+            rank0 = next(pid for pid in workers if worker_rank(pid) == 0)
+            os.kill(rank0, signal.SIGKILL)
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            return partial, committed
+        for pid in workers:  # committed meanwhile: let it go on to the next save
+            os.kill(pid, signal.SIGCONT)
+    pytest.fail("no save was caught before its commit")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a torchrun agent that is still running, and its workers (in sessions of their own)."""
+    if proc.poll() is None:
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def worker_rank(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK="))[5:])
