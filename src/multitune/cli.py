@@ -13,6 +13,13 @@ from multitune.config.loader import ConfigError, dump_config, load_config
 from multitune.distributed.launch import add_launch_arguments, cmd_launch
 from multitune.doctor import cmd_doctor
 from multitune.export.command import add_export_arguments, cmd_export
+from multitune.hub.command import add_push_arguments, cmd_push
+from multitune.inference.command import (
+    add_chat_arguments,
+    add_predict_arguments,
+    cmd_chat,
+    cmd_predict,
+)
 from multitune.planning import add_plan_arguments, cmd_plan
 from multitune.preflight.command import cmd_preflight
 
@@ -69,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "doctor", help="versions, device, C++ ops or their fallback (and why), flash-attn"
     )
+    push = commands.add_parser("push", help="upload a run's adapter (or merged model) to the Hub")
+    add_push_arguments(push)
+
+    predict = commands.add_parser("predict", help="batch inference over a JSONL file")
+    add_predict_arguments(predict)
+
+    chat = commands.add_parser("chat", help="talk to a trained model, tokens streamed")
+    add_chat_arguments(chat)
     return parser
 
 
@@ -133,6 +148,9 @@ COMMANDS = {
     "launch": cmd_launch,
     "export": cmd_export,
     "doctor": cmd_doctor,
+    "push": cmd_push,
+    "predict": cmd_predict,
+    "chat": cmd_chat,
 }
 
 

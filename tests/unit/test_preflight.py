@@ -135,6 +135,14 @@ def test_push_needs_a_token_that_can_write_or_create_the_repo(hub):
     assert "cannot create it in 'bob' (its namespaces: alice, acme)" in elsewhere
 
 
+def test_wandb_settings_apply_only_when_wandb_is_a_backend(small_config):
+    ctx = registry.Context(small_config, {"WANDB_MODE": "online"}, "http://hub", None)
+    assert not registry._wandb_online(ctx)  # backends: [jsonl]
+    with_wandb = small_config.model_copy(deep=True)
+    with_wandb.tracking.backends = ["jsonl", "wandb"]
+    assert registry._wandb_online(registry.Context(with_wandb, {}, "http://hub", None))
+
+
 def test_wandb_online_needs_a_key(tmp_path):
     no_netrc = tmp_path / "netrc"
     [message] = checks.wandb_key_present({}, no_netrc)
@@ -179,6 +187,7 @@ def test_cli_lists_every_failure_at_once(hub, tmp_path, monkeypatch, capsys):
     data = small_config_dict(tmp_path / "run")
     data["model"] = {"name": GATED}
     data["tasks"][0]["dataset"] = "public/data"
+    data["tracking"] = {"backends": ["jsonl", "wandb"]}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     monkeypatch.setattr(constants, "ENDPOINT", hub)
@@ -220,7 +229,9 @@ def test_demo_config_passes_offline_and_needs_no_hub(tmp_path, monkeypatch):
 
 
 def test_train_stops_before_loading_and_lists_all_failures(tmp_path, monkeypatch):
-    cfg = validate_config(small_config_dict(tmp_path / "run"))
+    cfg = validate_config(
+        {**small_config_dict(tmp_path / "run"), "tracking": {"backends": ["jsonl", "wandb"]}}
+    )
     monkeypatch.setenv("LOCAL_RANK", "5")
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -233,6 +244,7 @@ def test_train_stops_before_loading_and_lists_all_failures(tmp_path, monkeypatch
 
 
 def test_checks_of_keys_this_config_lacks_do_not_apply(small_config):
-    assert config_value(small_config, "hub.push") is None
-    assert config_value(small_config, "tracking.wandb.mode") is None
+    assert config_value(small_config, "hub.no_such_key") is None
+    assert config_value(small_config, "no_such_section.mode") is None
+    assert config_value(small_config, "hub.push") is False
     assert config_value(small_config, "train.micro_batch_size") == 8

@@ -244,6 +244,47 @@ class CheckpointConfig(Section):
     keep_last: int = Field(default=2, ge=1, description="Committed checkpoints kept on disk.")
 
 
+class WandbConfig(Section):
+    """Weights & Biases run settings (``tracking.backends`` must list ``wandb``)."""
+
+    project: str = Field(default="multitune", description="W&B project.")
+    entity: str | None = Field(default=None, description="W&B team or user; default: yours.")
+    name: str | None = Field(default=None, description="Run name; default: the output dir name.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="online", description="online needs WANDB_API_KEY; offline writes ./wandb files."
+    )
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(Section):
+    backends: list[Literal["jsonl", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Where metrics go; OUTPUT_DIR/metrics.jsonl is always written.",
+    )
+    wandb: WandbConfig = WandbConfig()
+
+
+class HubConfig(Section):
+    """Publishing to the Hugging Face Hub; every push needs HF_TOKEN with write access."""
+
+    push: bool = Field(default=False, description="Push the adapter and card at the end.")
+    repo: str | None = Field(default=None, description="Hub model repo, 'user/name'.")
+    private: bool = Field(default=False, description="Create the repo private.")
+    push_checkpoints: bool = Field(
+        default=False,
+        description="Mirror each committed checkpoint to the repo's 'checkpoints' branch; "
+        "resume: auto downloads the newest when OUTPUT_DIR has none.",
+    )
+
+    @model_validator(mode="after")
+    def _repo_named(self) -> HubConfig:
+        if (self.push or self.push_checkpoints) and not self.repo:
+            raise ValueError("hub.push / hub.push_checkpoints need hub.repo (e.g. user/name)")
+        if self.repo is not None and self.repo.count("/") != 1:
+            raise ValueError(f"hub.repo must look like 'user/name', not {self.repo!r}")
+        return self
+
+
 class DistributedConfig(Section):
     """Multi-process training under torchrun (ignored in a single process)."""
 
@@ -279,6 +320,8 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    hub: HubConfig = HubConfig()
     distributed: DistributedConfig = DistributedConfig()
     stages: list[Literal["sft", "dpo"]] = Field(
         default_factory=lambda: ["sft"], description="[sft], or [sft, dpo] to align after SFT."

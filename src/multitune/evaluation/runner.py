@@ -21,6 +21,10 @@ from multitune.evaluation.scoring import (
 )
 from multitune.tasks.base import TaskDataError
 
+# Rows of (prompt, prediction, gold) kept per task in the results as "samples", for the W&B
+# predictions table; a handful is enough to eyeball, and eval_results.json stays small.
+NUM_SAMPLES = 5
+
 
 def chance_accuracy(task: TaskData) -> float | None:
     """Accuracy of a uniform random guess, shown beside the model's for scale."""
@@ -96,6 +100,7 @@ def _evaluate_task(
         preds = [task.spec.label_names[predicted[e.example_index]] for e in examples]
         labels = list(task.spec.label_names)
         result["accuracy"] = metrics.accuracy(preds, golds)
+        result["samples"] = sample_predictions(source, examples, preds, golds)
         result["macro_f1"] = metrics.macro_f1(preds, golds, labels=labels)
         result["mcc"] = metrics.mcc(preds, golds)
         if len(labels) == 2:
@@ -116,6 +121,7 @@ def _evaluate_task(
         )
         preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
         result["accuracy"] = metrics.accuracy(preds, golds)
+        result["samples"] = sample_predictions(source, examples, preds, golds)
         # The same question answered by the choice texts themselves, each scored by its mean
         # token log-prob, in case the model knows the answer but not which letter it has.
         texts = {e.example_index: source[e.example_index].choice_texts for e in examples}
@@ -131,6 +137,7 @@ def _evaluate_task(
             model, examples, tokenizer, end_id, cfg.eval.batch_size, cfg.eval.max_new_tokens
         )
         hyps = [texts[e.example_index] for e in examples]
+        result["samples"] = sample_predictions(source, examples, hyps, golds)
         result["bleu"] = metrics.bleu(hyps, golds)
         result["chrf"] = metrics.chrf(hyps, golds)
         result["rouge_l"] = metrics.rouge_l(hyps, golds)
@@ -138,3 +145,15 @@ def _evaluate_task(
             result["exact_match"] = metrics.exact_match(hyps, golds)
             result["token_f1"] = metrics.token_f1(hyps, golds)
     return result
+
+
+def sample_predictions(source, examples, preds: list[str], golds: list[str]) -> list[dict]:
+    """The first NUM_SAMPLES (prompt, prediction, gold) rows; the prompt is the last user turn."""
+    return [
+        {
+            "prompt": source[e.example_index].prompt_messages[-1]["content"],
+            "prediction": pred,
+            "gold": gold,
+        }
+        for e, pred, gold in list(zip(examples, preds, golds))[:NUM_SAMPLES]
+    ]

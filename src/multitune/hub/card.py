@@ -338,7 +338,8 @@ def _usage_section(config: dict, repo_id: str | None, merged: bool) -> str:
         "training):",
         "",
         "```bash",
-        f"multitune predict {output_dir}",
+        f"multitune predict {output_dir} --input rows.jsonl --output predictions.jsonl",
+        f"multitune chat {output_dir}",
         "```",
     ]
     return "\n".join(lines)

@@ -111,8 +111,23 @@ def _repos_readable(ctx: Context) -> list[str]:
     return failures
 
 
+def _push_configured(ctx: Context) -> bool:
+    return bool(config_value(ctx.cfg, "hub.push") or config_value(ctx.cfg, "hub.push_checkpoints"))
+
+
 def _pushes(ctx: Context) -> bool:
-    return bool(config_value(ctx.cfg, "hub.push")) and not ctx.offline
+    return _push_configured(ctx) and not ctx.offline
+
+
+def _pushes_offline(ctx: Context) -> bool:
+    return _push_configured(ctx) and ctx.offline
+
+
+def _push_offline(ctx: Context) -> list[str]:
+    return [
+        "hub.push / hub.push_checkpoints need the Hub, but HF_HUB_OFFLINE=1 is set: unset it, "
+        "or set both to false"
+    ]
 
 
 def _push_writable(ctx: Context) -> list[str]:
@@ -123,6 +138,8 @@ def _push_writable(ctx: Context) -> list[str]:
 
 
 def _wandb_online(ctx: Context) -> bool:
+    if "wandb" not in (config_value(ctx.cfg, "tracking.backends") or []):
+        return False  # the wandb settings apply only when wandb is a backend
     mode = config_value(ctx.cfg, "tracking.wandb.mode")
     # WANDB_MODE in the environment overrides the config, as it does inside wandb itself.
     return ctx.env.get("WANDB_MODE", mode) == "online"
@@ -189,6 +206,7 @@ CHECKS = [
     Check("HF_TOKEN valid", _token_set, _token_valid, talks_to_hub=True),
     Check("hub repos readable (gated, private)", _online_hub, _repos_readable, talks_to_hub=True),
     Check("push repo writable", _pushes, _push_writable, talks_to_hub=True),
+    Check("push while offline", _pushes_offline, _push_offline),
     Check("W&B key", _wandb_online, _wandb_key),
     Check("free disk", _always, _free_disk),
     Check("launch (world size, global batch)", _always, _launch_consistent),
@@ -206,7 +224,9 @@ def run_preflight(
     from huggingface_hub import constants, get_token
 
     env = os.environ if env is None else env
-    ctx = Context(cfg, env, endpoint or constants.ENDPOINT, env.get("HF_TOKEN") or get_token())
+    # HF_ENDPOINT read now (huggingface_hub reads it once, at import), as hub/checks.py does.
+    endpoint = endpoint or env.get("HF_ENDPOINT") or constants.ENDPOINT
+    ctx = Context(cfg, env, endpoint, env.get("HF_TOKEN") or get_token())
     failures: list[str] = []
     hub_down = False
     for check in CHECKS:

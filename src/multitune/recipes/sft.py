@@ -35,6 +35,7 @@ from multitune.checkpoint import (
     verify_checkpoint,
 )
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
+from multitune.checkpoint.ranks import rank_and_world_size
 from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig, check_quantization_for_sharding
 from multitune.data.mixing import epoch_order, task_probabilities
@@ -62,11 +63,13 @@ from multitune.distributed.strategy import (
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.validation import TrainingEvaluation
+from multitune.hub.card import write_model_card
 from multitune.models.loading import load_model_and_tokenizer
 from multitune.models.lora import apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight.registry import check_preflight
-from multitune.tracking.jsonl import JsonlLogger, NullLogger
+from multitune.tracking.plots import write_plots
+from multitune.tracking.tracker import Tracker, peak_memory_gb, start_tracking
 from multitune.training.compile import compiled_decoder
 from multitune.training.progress import progress_bar
 from multitune.training.schedule import build_optimizer, build_scheduler
@@ -109,6 +112,8 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
     resume_from = choose_resume_checkpoint(cfg, out)
+    # Credentials were checked by check_preflight; W&B (rank 0) starts before any loading.
+    tracker = start_tracking(cfg, out, tracker_run_id(resume_from))
     if ctx.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
     # The same seed on every rank: replicated LoRA weights must start equal.
@@ -186,8 +191,10 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             checkpointing,
             ctx,
             evaluation,
+            tracker=tracker,
         )
     if not finished:
+        tracker.finish()
         log.info(
             "stopped by %s after saving a checkpoint; run again to resume (final evaluation "
             "skipped)",
@@ -209,6 +216,9 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         return {}
     results = write_eval_results(out, final, "validation", "adapter", base_results, tasks)
     print_summary(tasks, results)
+    tracker.log_evaluation(results, out / "confusion")
+    publish_run(cfg, out)
+    tracker.finish()
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
     return results
 
@@ -283,6 +293,7 @@ def train_loop(
     ctx: DistContext | None = None,
     evaluation: TrainingEvaluation | None = None,
     data: TrainingData | None = None,
+    tracker: Tracker | None = None,
 ) -> bool:
     """Train to the planned step, saving checkpoints; False when a stop signal ended it early.
 
@@ -313,7 +324,9 @@ def train_loop(
     checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
     fixed_config = data.fixed_config
     stop_requests = [] if stop_requests is None else stop_requests
-    logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else NullLogger()
+    # A tracker passed in outlives the loop (the final evaluation is logged to it too); on
+    # ranks other than 0 it logs nothing.
+    logger = tracker if tracker is not None else start_tracking(cfg, out)
     window = data.new_log_window()
     model.train()
     try:
@@ -371,6 +384,7 @@ def train_loop(
                     # Saved last in the step, so its RNG state is the one the next step starts
                     # from in an uninterrupted run.
                     state = _train_state(step, epoch, consumed, len(order), fixed_config)
+                    state["tracker_run_id"] = logger.run_id
                     if stopping or checkpoint_due:
                         _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
                         checkpoints.saved(step)
@@ -383,7 +397,8 @@ def train_loop(
                 _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
         return True
     finally:
-        logger.close()
+        if tracker is None:
+            logger.finish()
 
 
 def separate_tied_frozen_parameters(model) -> None:
@@ -464,6 +479,11 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = Non
         return None
     if cfg.resume == "auto":
         path = find_resume_checkpoint(root)
+        if path is None and mirrors_checkpoints(cfg, out):
+            from multitune.hub.push import download_latest_checkpoint
+
+            if download_latest_checkpoint(cfg.hub.repo, root) is not None:
+                path = find_resume_checkpoint(root)  # verifies the downloaded files
     else:
         path = Path(cfg.resume)
         problems = verify_checkpoint(path)
@@ -474,6 +494,29 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = Non
     if path is not None:
         check_resume_config(path, cfg, fixed)
     return path
+
+
+def publish_run(cfg: RunConfig, out: Path) -> None:
+    """Plots and the model card (OUTPUT_DIR/README.md, pushed or not), then the push if
+    configured."""
+    write_plots(out)
+    write_model_card(out)
+    if cfg.hub.push:
+        from multitune.hub.push import push_run
+
+        push_run(out, cfg.hub.repo, private=cfg.hub.private)
+
+
+def mirrors_checkpoints(cfg: RunConfig, out: Path) -> bool:
+    """hub.push_checkpoints mirrors the SFT stage (OUTPUT_DIR/checkpoints) only, not DPO's."""
+    return cfg.hub.push_checkpoints and Path(out).resolve() == Path(cfg.output_dir).resolve()
+
+
+def tracker_run_id(checkpoint: Path | None) -> str | None:
+    """The tracker (W&B) run id saved with a checkpoint, so a resumed run continues that run."""
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / TRAIN_STATE_FILE).read_text()).get("tracker_run_id")
 
 
 def check_resume_config(path: Path, cfg: RunConfig, fixed: dict | None = None) -> None:
@@ -516,7 +559,7 @@ def _train_state(step: int, epoch: int, consumed: int, epoch_length: int, fixed:
 
 
 def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, state: dict) -> None:
-    save_checkpoint(
+    path = save_checkpoint(
         out / "checkpoints",
         state["step"],
         model,
@@ -526,6 +569,10 @@ def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, sta
         cfg.checkpoint.keep_last,
         config_hash=config_hash(state["fixed_config"]),
     )
+    if mirrors_checkpoints(cfg, out) and rank_and_world_size()[0] == 0:
+        from multitune.hub.push import push_checkpoint
+
+        push_checkpoint(path, cfg.hub.repo)
 
 
 class _CheckpointSchedule:
@@ -610,6 +657,7 @@ class _LogWindow:
             "grad_norm": (self.grad_norm_sum / self.steps).item(),
             "tokens_per_s": self.last_tokens_per_s,
             "answer_tokens_per_s": self.tokens / elapsed,
+            "peak_memory_gb": peak_memory_gb(self.device),
         }
         sums, counts = self.task_sums.tolist(), self.task_counts.tolist()
         for task, total, count in zip(tasks, sums, counts):
