@@ -236,6 +236,7 @@ PINNED_KEYS = [
     "dpo.train.adam_betas",
     "dpo.train.log_every_steps",
     "dpo.train.progress_bar",
+    "dpo.train.compile",
     "dpo.beta",
     "dpo.loss",
     "dpo.label_smoothing",

@@ -73,7 +73,9 @@ def test_window_loss_and_gradient_equal_the_formula_and_split_exactly(tiny_token
     torch.testing.assert_close(one.loss, objective.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(four.loss, objective.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one.correct, four.correct)
+    # atol 1e-5: the log-probs come from the fused op (chunked float32 log-sum-exp), whose
+    # rounding differs from the plain head's in the last bits; IPO's square amplifies that.
     for name in plain_grads:
-        torch.testing.assert_close(one_grads[name], plain_grads[name], rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(four_grads[name], plain_grads[name], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(one_grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(four_grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
     assert any(g.abs().sum() > 0 for g in plain_grads.values())

@@ -191,6 +191,8 @@ class DpoConfig(Section):
     def _ipo_no_smoothing(self) -> DpoConfig:
         if self.loss == "ipo" and self.label_smoothing:
             raise ValueError("dpo.label_smoothing applies to loss: sigmoid only")
+        if self.train.compile:
+            raise ValueError("dpo.train.compile is not supported yet: the DPO step runs eager")
         return self
 
 
