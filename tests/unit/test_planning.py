@@ -168,7 +168,8 @@ def test_micro_batch_search_covers_powers_of_two_and_midpoints():
 def test_recommendation_replicates_small_models_and_shards_large_ones():
     small = build_plan(run_config(), 8, "h100", None, None)
     assert small["recommendation"]["strategy"] == "ddp"
-    big = run_config("meta-llama/Llama-3.1-8B-Instruct", data={"max_seq_len": 4096})
+    # 8192: with the fused loss (one logits chunk) an 8B at 4096 tokens already fits one A10G.
+    big = run_config("meta-llama/Llama-3.1-8B-Instruct", data={"max_seq_len": 8192})
     one_node = build_plan(big, 8, "a10g", None, None)
     assert one_node["recommendation"]["strategy"] == "fsdp"
     two_nodes = build_plan(big, 8, "a10g", None, None, nodes=2)
