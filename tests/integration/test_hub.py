@@ -22,7 +22,6 @@ from multitune import cli
 from multitune.config import dump_config, validate_config
 from multitune.hub.checks import (
     HubError,
-    check_base_model_access,
     check_write_access,
     require_token,
 )
@@ -116,17 +115,6 @@ def test_missing_repo_in_own_namespace_is_created(tmp_path, hub):
     assert check_write_access("team/new", "hf_write") is False  # will be created
     assert cli.main(["push", str(fake_run_dir(tmp_path)), "--repo", "team/new", "--private"]) == 0
     assert "README.md" in hub.files("team/new")
-
-
-def test_gated_base_model_error_gives_the_license_url(hub, monkeypatch):
-    hub.gated.add("meta-llama/Llama-3.2-1B-Instruct")
-    with pytest.raises(HubError) as info:
-        check_base_model_access("meta-llama/Llama-3.2-1B-Instruct", "hf_write")
-    url = f"{hub.server.server_address[0]}:{hub.server.server_address[1]}"
-    assert f"accept its license at http://{url}/meta-llama/Llama-3.2-1B-Instruct" in str(info.value)
-    with pytest.raises(HubError, match="was not found on the Hub"):
-        check_base_model_access("meta-llama/Llama-9-Nope", "hf_write")
-    check_base_model_access("builtin:tiny-llama", None)  # never asks the Hub
 
 
 def test_offline_and_unreachable_hub_errors(tmp_path, monkeypatch):

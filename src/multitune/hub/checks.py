@@ -1,4 +1,4 @@
-"""Checks that a Hub push or a gated base model will work, run before any training.
+"""Checks that a Hub push will work (token, write access), run before uploading.
 
 Each check raises ``HubError`` with the fix in the message; ``multitune push`` runs them before
 uploading. (A training run is checked by ``multitune.preflight``, which has its own list-of-
@@ -12,7 +12,6 @@ import contextlib
 import os
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
-TINY_MODEL_NAME = "builtin:tiny-llama"  # equal to multitune.models.tiny.TINY_MODEL_NAME
 
 
 class HubError(RuntimeError):
@@ -109,29 +108,3 @@ def check_write_access(repo_id: str, token: str) -> bool:
                     f"with write access to this repo"
                 ) from None
             raise
-
-
-def check_base_model_access(model_name: str, token: str | None) -> None:
-    """Raise when the base model is gated and the token's account has not accepted its license,
-    or when it does not exist. The built-in tiny model and local folders are always fine."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if model_name == TINY_MODEL_NAME or os.path.isdir(model_name):
-        return
-    api = hub_api()
-    with explained_hub_errors(f"model.name {model_name}"):
-        try:
-            api.auth_check(model_name, token=token or None)
-        except GatedRepoError:
-            who = "HF_TOKEN's account" if token else "you (HF_TOKEN is not set)"
-            raise HubError(
-                f"{model_name} is a gated model and {who} has no access yet: accept its license "
-                f"at {hub_url(api, model_name)} (logged in as the token's user), wait for the "
-                "approval e-mail, then retry"
-                + ("" if token else f"; export HF_TOKEN=hf_... (from {TOKENS_URL})")
-            ) from None
-        except RepositoryNotFoundError:
-            raise HubError(
-                f"model.name {model_name} was not found on the Hub (or is private and HF_TOKEN "
-                "cannot see it): check the spelling, e.g. meta-llama/Llama-3.2-1B-Instruct"
-            ) from None
