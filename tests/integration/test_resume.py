@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +176,28 @@ def test_resume_with_changed_lora_rank_is_an_error_naming_the_key(uninterrupted)
     # Keys that only say how long the run goes may change.
     longer = {**data, "train": {**data["train"], "max_steps": TOTAL_STEPS, "epochs": 3}}
     assert sft.choose_resume_checkpoint(validate_config(longer), Path(data["output_dir"]))
+
+
+def test_trained_tied_embedding_checkpoints_and_resumes_exactly(tmp_path, caplog):
+    """The demo's shape: embed_tokens trained in full and tied to the output head (one tensor
+    under two names). Resuming from a middle checkpoint ends with the uninterrupted adapter."""
+    from multitune.recipes import sft
+
+    out = tmp_path / "run"
+    data = run_config(out)
+    data["lora"]["modules_to_save"] = ["embed_tokens"]
+    data["checkpoint"] = {"every_steps": 1, "keep_last": 100}
+    sft.run(validate_config(data))
+    reference = adapter_tensors(out)
+    assert any("embed_tokens" in name for name in reference)
+    assert len(sorted((out / "checkpoints").glob("step-*"))) == TOTAL_STEPS
+
+    # Forget everything after mid-epoch 1, as a crash there would, and run again.
+    resume_step = STEPS_PER_EPOCH + 2
+    for later in range(resume_step + 1, TOTAL_STEPS + 1):
+        shutil.rmtree(checkpoint_of(out, later))
+    shutil.rmtree(out / "adapter")
+    with caplog.at_level("INFO", logger="multitune.recipes.sft"):
+        sft.run(validate_config(data))
+    assert f"resumed from step {resume_step} " in caplog.text
+    assert_same_adapter(out, reference)

@@ -236,11 +236,16 @@ def check_trainable_tensors(
 
 
 def _trainable_only(model: torch.nn.Module, state: dict) -> dict:
-    """Drop the frozen non-parameter entries ``ignore_frozen_params`` keeps: a 4-bit/8-bit base
-    (bitsandbytes) writes its quantization state (absmax, quant_map, ...) into the state dict."""
+    """One entry per trainable Parameter, under its first name.
+
+    Drops the frozen non-parameter entries ``ignore_frozen_params`` keeps (a 4-bit/8-bit
+    bitsandbytes base writes absmax, quant_map, ... into the state dict), and the second name of
+    a tied trainable Parameter (a fully trained embedding that is also the output head): that is
+    the same tensor, restored in place through its first name, so the tie survives a resume.
+    """
     trainable = {
         name.removeprefix("module.")
-        for name, param in model.named_parameters(remove_duplicate=False)
+        for name, param in model.named_parameters()
         if param.requires_grad
     }
     return {key: value for key, value in state.items() if key.removeprefix("module.") in trainable}

@@ -35,7 +35,6 @@ from multitune.models.loading import load_model_and_tokenizer, pick_device
 from multitune.recipes.sft import (
     RESUME_FREE_TRAIN_KEYS,
     TrainingData,
-    checkpointing_supported,
     choose_resume_checkpoint,
     resume_fixed_config,
     save_adapter,
@@ -139,8 +138,7 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
         previous = starting_results(model, tokenizer, tasks, cfg, adapter)
 
     data = dpo_training_data(tokenized["train"], reference, cfg, pad_id, device, fixed)
-    checkpointing = checkpointing_supported(model)
-    with stop_signals_caught(checkpointing) as stop_requests:
+    with stop_signals_caught() as stop_requests:
         finished = train_loop(
             model,
             tokenizer,
@@ -150,7 +148,6 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
             device,
             resume_from,
             stop_requests,
-            checkpointing,
             data=data,
         )
     if not finished:

@@ -177,8 +177,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         with model.disable_adapter():
             base_results = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
 
-    checkpointing = checkpointing_supported(model)
-    with stop_signals_caught(checkpointing) as stop_requests:
+    with stop_signals_caught() as stop_requests:
         finished = train_loop(
             model,
             tokenizer,
@@ -188,7 +187,6 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             device,
             resume_from,
             stop_requests,
-            checkpointing,
             ctx,
             evaluation,
             tracker=tracker,
@@ -289,7 +287,6 @@ def train_loop(
     device,
     resume_from: Path | None = None,
     stop_requests: list[str] | None = None,
-    checkpointing: bool = True,
     ctx: DistContext | None = None,
     evaluation: TrainingEvaluation | None = None,
     data: TrainingData | None = None,
@@ -321,7 +318,7 @@ def train_loop(
             first_epoch,
             first_position,
         )
-    checkpoints = _CheckpointSchedule(cfg.checkpoint, step, checkpointing)
+    checkpoints = _CheckpointSchedule(cfg.checkpoint, step)
     fixed_config = data.fixed_config
     stop_requests = [] if stop_requests is None else stop_requests
     # A tracker passed in outlives the loop (the final evaluation is logged to it too); on
@@ -393,7 +390,7 @@ def train_loop(
                         log.info("%s received: stopped at step %d", signal_name, step)
                         return False
                     advance(1, "")
-            if checkpoints.enabled and checkpoints.last_step != step:
+            if checkpoints.last_step != step:
                 _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
         return True
     finally:
@@ -419,29 +416,6 @@ def separate_tied_frozen_parameters(model) -> None:
             if id(param) in seen:
                 setattr(module, name, torch.nn.Parameter(param.detach(), requires_grad=False))
             seen.add(id(param))
-
-
-def checkpointing_supported(model) -> bool:
-    """False, with a warning, for a model the checkpointer cannot save yet."""
-    tied = tied_trainable_names(model)
-    if tied:
-        log.warning(
-            "checkpointing is off for this run, so it cannot be resumed: trainable parameters "
-            "tied under a second name (%s; e.g. lora.modules_to_save with tied embeddings) are "
-            "not supported by the checkpointer yet",
-            ", ".join(tied),
-        )
-    return not tied
-
-
-def tied_trainable_names(model) -> list[str]:
-    """Second names of trainable Parameters (e.g. a trained embedding tied to lm_head)."""
-    first_names = {name for name, _ in model.named_parameters()}
-    return [
-        name
-        for name, param in model.named_parameters(remove_duplicate=False)
-        if param.requires_grad and name not in first_names
-    ]
 
 
 def _log_train_record(logger, window, advance, step, plan, epoch, scheduler, tasks) -> None:
@@ -578,17 +552,14 @@ def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, sta
 class _CheckpointSchedule:
     """When the next periodic checkpoint is due: every N steps and/or every N minutes."""
 
-    def __init__(self, cfg, step: int, enabled: bool = True) -> None:
+    def __init__(self, cfg, step: int) -> None:
         self.every_steps, self.every_minutes = cfg.every_steps, cfg.every_minutes
-        self.enabled = enabled
         self.saved(step)
 
     def saved(self, step: int) -> None:
         self.last_step, self.last_time = step, time.monotonic()
 
     def due(self, step: int) -> bool:
-        if not self.enabled:
-            return False
         if self.every_steps and step % self.every_steps == 0:
             return True
         minutes = (time.monotonic() - self.last_time) / 60
@@ -596,14 +567,14 @@ class _CheckpointSchedule:
 
 
 @contextlib.contextmanager
-def stop_signals_caught(enabled: bool = True):
+def stop_signals_caught():
     """Yield a list that SIGTERM/SIGUSR1 append their name to, instead of ending the process.
 
     The loop polls it once per optimizer step; a second signal while saving only appends again.
     The previous handlers come back on exit. Signals can only be caught in the main thread.
     """
     requests: list[str] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield requests
         return
 
