@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 from tests.conftest import REPO, small_config_dict
 
-from multitune.checkpoint import CheckpointError
+from multitune.checkpoint import CheckpointError, list_committed
 from multitune.config import validate_config
 
 TOTAL_STEPS = 8
@@ -175,3 +175,26 @@ def test_resume_with_changed_lora_rank_is_an_error_naming_the_key(uninterrupted)
     # Keys that only say how long the run goes may change.
     longer = {**data, "train": {**data["train"], "max_steps": TOTAL_STEPS, "epochs": 3}}
     assert sft.choose_resume_checkpoint(validate_config(longer), Path(data["output_dir"]))
+
+
+def test_failed_async_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from multitune.recipes import sft
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    out = tmp_path / "run"
+    data = run_config(out)
+    data["checkpoint"] = {"every_steps": 1, "async_save": True}
+    data["train"]["max_steps"] = 3
+    # The write of step 1 runs in the background; its commit, at the next save, fails the run.
+    with pytest.raises(
+        CheckpointError, match=r"(?s)step 1 not written.*asynchronous write.*No space left"
+    ):
+        sft.run(validate_config(data))
+    assert train_steps_logged(out) == [1, 2]
+    assert list_committed(out / "checkpoints") == []
+    assert not (out / "adapter").exists()
