@@ -5,8 +5,8 @@ Run shape: 3 tasks of 10 rows, 25 training examples, global batch 12 of micro-ba
 epochs, so 6 optimizer steps, the third and sixth holding a single example (ranks with nothing
 of it run a zero-gradient filler). Per process the accumulation is 12 / world: 12 in one
 process, 6 in two, 3 in four, 2 in six. LoRA dropout is 0, so 1 and N processes draw the same
-numbers; what differs is only the summation order (measured: losses within 1e-7 relative,
-adapter tensors within 1e-6 absolute), hence the stated tolerances.
+numbers; what differs is only the summation order (measured: losses within 2e-7 relative,
+adapter tensors within 4e-6 absolute, fsdp over 6 the farthest), hence the stated tolerances.
 """
 
 from __future__ import annotations
