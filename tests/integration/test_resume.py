@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +199,27 @@ def test_failed_async_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
     assert train_steps_logged(out) == [1, 2]
     assert list_committed(out / "checkpoints") == []
     assert not (out / "adapter").exists()
+
+
+def test_trained_tied_embedding_resumes_exactly(tmp_path):
+    # configs/demo.yaml trains embed_tokens (lora.modules_to_save), which the tiny model ties to
+    # lm_head: one trainable Parameter under two names, saved under both.
+    from multitune.recipes import sft
+
+    def config(out: Path) -> dict:
+        data = run_config(out)
+        data["lora"]["modules_to_save"] = ["embed_tokens"]
+        data["train"]["max_steps"] = 5
+        data["checkpoint"] = {"every_steps": 1, "keep_last": 10}
+        return data
+
+    whole = tmp_path / "whole"
+    sft.run(validate_config(config(whole)))
+    resumed = tmp_path / "resumed"
+    # Step 3 is mid-epoch 0 (4 steps an epoch); the resumed run crosses into epoch 1.
+    shutil.copytree(checkpoint_of(whole, 3), checkpoint_of(resumed, 3))
+    sft.run(validate_config(config(resumed)))
+    assert train_steps_logged(resumed) == [4, 5]
+    expected = adapter_tensors(whole)
+    assert any("embed_tokens" in name for name in expected)
+    assert_same_adapter(resumed, expected)

@@ -276,7 +276,11 @@ def check_trainable_tensors(
     if expected is not None:
         held = expected
     problems = []
-    num_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    # By name: a trainable Parameter tied under two names (a trained embedding and the output
+    # head of a tied model) is in the state dict, and the checkpoint, under both.
+    num_trainable = sum(
+        1 for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    )
     if len(held) != num_trainable:
         problems.append(
             f"the model has {num_trainable} trainable tensors, its state dict {len(held)}"

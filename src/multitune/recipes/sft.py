@@ -432,26 +432,10 @@ def separate_tied_frozen_parameters(model) -> None:
 
 
 def checkpointing_supported(model) -> bool:
-    """False, with a warning, for a model the checkpointer cannot save yet."""
-    tied = tied_trainable_names(model)
-    if tied:
-        log.warning(
-            "checkpointing is off for this run, so it cannot be resumed: trainable parameters "
-            "tied under a second name (%s; e.g. lora.modules_to_save with tied embeddings) are "
-            "not supported by the checkpointer yet",
-            ", ".join(tied),
-        )
-    return not tied
-
-
-def tied_trainable_names(model) -> list[str]:
-    """Second names of trainable Parameters (e.g. a trained embedding tied to lm_head)."""
-    first_names = {name for name, _ in model.named_parameters()}
-    return [
-        name
-        for name, param in model.named_parameters(remove_duplicate=False)
-        if param.requires_grad and name not in first_names
-    ]
+    """Whether the checkpointer can save ``model``: every model trained here now, a trained
+    embedding tied to the output head included (saved under both names). Kept as the one place
+    to refuse a model, which dpo.py also asks."""
+    return True
 
 
 def _log_train_record(logger, window, advance, step, plan, epoch, scheduler, tasks) -> None:
