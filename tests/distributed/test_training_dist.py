@@ -1,16 +1,17 @@
-"""Multi-process training through the real CLI under torchrun (gloo on CPU), against a
-1-process run of the same config.
+"""Multi-process training through the real CLI under torchrun (gloo on CPU), against one
+uninterrupted 1-process run of the same config (the module's ``reference``).
 
-Run shape: 3 tasks of 10 rows, 25 training examples, global batch 8 of micro-batches of 2, so
-an epoch is 4 optimizer steps and the last one holds a single example (at world size 2 one rank
-has nothing of it and runs a zero-gradient filler). Per process the accumulation is 8 / (2 x
-world): 4 in one process, 2 in two, 1 in four. LoRA dropout is 0, so 1 and N processes draw the
-same numbers; what differs is only the summation order (measured: losses within 8e-8
-relative, adapter tensors within 5e-7 absolute), hence the stated tolerances.
+Run shape: 3 tasks of 10 rows, 25 training examples, global batch 12 of micro-batches of 1, 2
+epochs, so 6 optimizer steps, the third and sixth holding a single example (ranks with nothing
+of it run a zero-gradient filler). Per process the accumulation is 12 / world: 12 in one
+process, 6 in two, 3 in four, 2 in six. LoRA dropout is 0, so 1 and N processes draw the same
+numbers; what differs is only the summation order (measured: losses within 2e-7 relative,
+adapter tensors within 4e-6 absolute, fsdp over 6 the farthest), hence the stated tolerances.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,12 +28,14 @@ import yaml
 from safetensors.torch import load_file
 from tests.conftest import REPO, small_config_dict
 
+from multitune.checkpoint import read_manifest
 from multitune.config import validate_config
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 4
-EXAMPLES = 25
+STEPS_PER_EPOCH = 3
+STEPS = 2 * STEPS_PER_EPOCH
+EXAMPLES = 25  # per epoch
 LOSS_RTOL = 1e-5
 ADAPTER_ATOL = 1e-5
 
@@ -41,9 +44,9 @@ def run_config(output_dir: Path, **train) -> dict:
     data = small_config_dict(output_dir, max_examples=10)
     data["train"].update(
         {
-            "epochs": 1,
-            "micro_batch_size": 2,
-            "global_batch_size": 8,
+            "epochs": 2,
+            "micro_batch_size": 1,
+            "global_batch_size": 12,
             "log_every_steps": 1,
             "scheduler": "constant",
             "warmup_ratio": 0.0,
@@ -187,19 +190,22 @@ def assert_matches_reference(output_dir: Path, reference, steps=range(1, STEPS +
 
 
 @pytest.mark.parametrize("strategy", ["hsdp", "fsdp"])
-def test_two_agents_on_localhost_match_one_process(tmp_path, reference, strategy):
-    # Two torchrun agents meet through a c10d rendezvous, as two nodes of a cluster would, with
-    # 2 processes each: hsdp shards within an agent and replicates across; fsdp shards over 4.
+def test_three_agents_on_localhost_match_one_process(tmp_path, reference, strategy):
+    # Three torchrun agents meet through a c10d rendezvous, as three nodes of a cluster would,
+    # with 2 processes each: hsdp shards within an agent and replicates across (a 3 x 2 mesh);
+    # fsdp shards over all 6.
     out = tmp_path / "run"
     data = run_config(out)
     data["eval"]["before_training"] = strategy == "fsdp"  # the base model, sharded, once
     config = write_config(data, tmp_path / "config.yaml")
     log, port = tmp_path / "agents.log", free_port()
-    argv = torchrun_argv(config, 2, nnodes=2, port=port) + [f"distributed.strategy={strategy}"]
-    output = wait([start(argv, log), start(argv, log)], log)
+    argv = torchrun_argv(config, 2, nnodes=3, port=port) + [f"distributed.strategy={strategy}"]
+    output = wait([start(argv, log) for _ in range(3)], log)
     assert f"distributed strategy {strategy} (set by distributed.strategy)" in output
-    assert "4 processes (2 nodes x 2)" in output
-    assert "global batch 8 (micro 2 x accum 1 x 4 processes)" in output
+    assert "6 processes (3 nodes x 2)" in output
+    mesh = "replicate 3 x shard 2" if strategy == "hsdp" else "shard 6"
+    assert f"device mesh: {mesh}" in output
+    assert "global batch 12 (micro 1 x accum 2 x 6 processes)" in output
     assert_matches_reference(out, reference)
     # Rank 0 alone writes outputs: one train record per step, not one per rank.
     assert list(train_losses(out)) == list(range(1, STEPS + 1))
@@ -212,30 +218,105 @@ def test_two_agents_on_localhost_match_one_process(tmp_path, reference, strategy
         assert all(0 < base[t]["loss"] != pytest.approx(after[t]["loss"]) for t in base)
 
 
-def test_ddp_on_two_processes_then_resumed_on_one_sees_every_example_once(tmp_path, reference):
-    # 2 processes (ddp) stop after 2 of 4 steps; the same command on 1 process resumes from their
-    # checkpoint (DCP reshards) and continues the epoch's order at the example where they stopped.
+def test_sigterm_saves_and_the_run_resumes_on_fewer_processes(tmp_path, reference):
+    # 4 processes (fsdp, asynchronous saves every step): SIGTERM to the torchrun agent, as a
+    # preempted pod's PID 1 gets it, is forwarded to the workers, which finish the step, save and
+    # exit 0. The same command on 2 processes (ddp) resumes from that checkpoint (DCP reshards
+    # the 4-way shards into replicas) and gets SIGTERM in one worker only: every rank stops at the same step
+    # and torchrun exits 0. A third launch completes the run. Over the three launches every
+    # example of each epoch is trained exactly once, and the run ends as the reference did.
     out = tmp_path / "run"
-    config = write_config(run_config(out), tmp_path / "config.yaml")
+    data = run_config(out)
+    data["checkpoint"] = {"every_steps": 1, "keep_last": 2, "async_save": True}
+    config = write_config(data, tmp_path / "config.yaml")
     log = tmp_path / "run.log"
-    first = torchrun_argv(config, 2, port=free_port(), debug=True)
-    first += ["distributed.strategy=ddp", "train.max_steps=2"]
-    output = wait([start(first, log)], log)
-    assert "distributed strategy ddp" in output
-    assert "global batch 8 (micro 2 x accum 2 x 2 processes)" in output
-    assert (out / "checkpoints" / "step-00000002").is_dir()
 
-    second = [sys.executable, "-m", "multitune", "--debug", "train", str(config)]
-    output = wait([start(second, log)], log)  # the whole log: both runs
-    assert "resumed from step 2 " in output
-    assert "saved by 2 ranks, resuming with 1" in output
+    first = torchrun_argv(config, 4, port=free_port(), debug=True) + ["distributed.strategy=fsdp"]
+    first = start(first, log)
+    # torchrun forwards the signal to the workers and, once they are down, exits 1 itself (its
+    # own SignalException); the workers exit 0 within its 30 s grace, not killed.
+    stopped = stop_after_a_step(
+        first, out, log, functools.partial(os.kill, first.pid, signal.SIGTERM), code=1
+    )
+    output = log.read_text()
+    assert "global batch 12 (micro 1 x accum 3 x 4 processes)" in output
+    assert "Sending process" in output and "closing signal SIGTERM" in output
+    assert "forcefully exiting" not in output
+    # --debug: every rank logs, and all four stopped at this step.
+    assert output.count(f"SIGTERM received: stopped at step {stopped}") == 4
+    assert read_manifest(checkpoint(out, stopped)).world_size == 4
 
-    seen = trained_examples(output)
+    second = torchrun_argv(config, 2, port=free_port(), debug=True) + ["distributed.strategy=ddp"]
+    second = start(second, log)
+    stopped_again = stop_after_a_step(
+        second,
+        out,
+        log,
+        lambda: os.kill(worker_of_rank(second, 1), signal.SIGTERM),
+        after=stopped + 1,
+        code=0,
+    )
+    output = log.read_text()
+    assert f"resumed from step {stopped} " in output
+    assert "saved by 4 ranks, resuming with 2" in output
+    assert f"SIGTERM received: stopped at step {stopped_again}" in output
+
+    third = torchrun_argv(config, 2, port=free_port(), debug=True) + ["distributed.strategy=ddp"]
+    output = wait([start(third, log)], log)
+    assert f"resumed from step {stopped_again} " in output
+    seen = trained_examples(output)  # the whole log: all three launches
     assert sorted({step for step, _ in seen}) == list(range(1, STEPS + 1))
-    examples = [pair for _, pair in seen]
-    assert len(examples) == EXAMPLES
-    assert len(set(examples)) == EXAMPLES  # none twice, and with 25 in all none skipped
+    for epoch in range(2):
+        examples = [pair for step, pair in seen if (step - 1) // STEPS_PER_EPOCH == epoch]
+        assert len(examples) == EXAMPLES, epoch
+        assert len(set(examples)) == EXAMPLES, epoch  # none twice, and with 25 none skipped
     assert_matches_reference(out, reference)
+
+
+def stop_after_a_step(
+    agent, out: Path, log: Path, send, after: int = 1, code: int | None = None
+) -> int:
+    """Once step ``after`` is logged, ``send`` the signal; wait for the agent to exit (with
+    ``code`` when given) and return the step the run stopped and checkpointed at, which must
+    leave steps to resume."""
+    deadline = time.monotonic() + 300
+    while max(train_losses_or_none(out), default=0) < after:
+        if agent.poll() is not None or time.monotonic() > deadline:
+            kill_tree(agent)
+            pytest.fail(f"run ended before step {after}:\n{_tail(log.read_text())}")
+        time.sleep(0.005)
+    send()
+    try:
+        returned = agent.wait(timeout=300)
+    finally:
+        kill_tree(agent)
+    if code is not None:
+        assert returned == code, _tail(log.read_text())
+    states = [
+        json.loads((path / "train_state.json").read_text())
+        for path in (out / "checkpoints").glob("step-*")
+        if ".tmp-" not in path.name
+    ]
+    stopped = max(state["step"] for state in states)
+    assert after < stopped < STEPS, _tail(log.read_text())
+    assert not (out / "eval_results.json").exists()
+    return stopped
+
+
+def train_losses_or_none(output_dir: Path) -> dict[int, float]:
+    """train_losses of a run that may not have written a complete record yet."""
+    try:
+        return train_losses(output_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def checkpoint(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def worker_of_rank(agent, rank: int) -> int:
+    return next(pid for pid in child_pids(agent.pid) if worker_rank(pid) == rank)
 
 
 def test_killed_worker_is_restarted_and_the_half_written_checkpoint_ignored(tmp_path, reference):

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from tests.conftest import REPO
 
+from multitune.checkpoint import verify_checkpoint
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -70,6 +72,9 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
         == 60
     )
     assert report["text_claims"]["dropped"] == {} and report["text_claims"]["truncated"] == {}
+
+    # The demo trains embed_tokens, tied to lm_head; it still checkpoints (the final step).
+    assert verify_checkpoint(out / "checkpoints" / "step-00000006") == []
 
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file()

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 from tests.conftest import REPO, small_config_dict
 
-from multitune.checkpoint import CheckpointError
+from multitune.checkpoint import CheckpointError, list_committed
 from multitune.config import validate_config
 
 TOTAL_STEPS = 8
@@ -178,26 +178,48 @@ def test_resume_with_changed_lora_rank_is_an_error_naming_the_key(uninterrupted)
     assert sft.choose_resume_checkpoint(validate_config(longer), Path(data["output_dir"]))
 
 
-def test_trained_tied_embedding_checkpoints_and_resumes_exactly(tmp_path, caplog):
-    """The demo's shape: embed_tokens trained in full and tied to the output head (one tensor
-    under two names). Resuming from a middle checkpoint ends with the uninterrupted adapter."""
+def test_failed_async_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
     from multitune.recipes import sft
 
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
     out = tmp_path / "run"
     data = run_config(out)
-    data["lora"]["modules_to_save"] = ["embed_tokens"]
-    data["checkpoint"] = {"every_steps": 1, "keep_last": 100}
-    sft.run(validate_config(data))
-    reference = adapter_tensors(out)
-    assert any("embed_tokens" in name for name in reference)
-    assert len(sorted((out / "checkpoints").glob("step-*"))) == TOTAL_STEPS
-
-    # Forget everything after mid-epoch 1, as a crash there would, and run again.
-    resume_step = STEPS_PER_EPOCH + 2
-    for later in range(resume_step + 1, TOTAL_STEPS + 1):
-        shutil.rmtree(checkpoint_of(out, later))
-    shutil.rmtree(out / "adapter")
-    with caplog.at_level("INFO", logger="multitune.recipes.sft"):
+    data["checkpoint"] = {"every_steps": 1, "async_save": True}
+    data["train"]["max_steps"] = 3
+    # The write of step 1 runs in the background; its commit, at the next save, fails the run.
+    with pytest.raises(
+        CheckpointError, match=r"(?s)step 1 not written.*asynchronous write.*No space left"
+    ):
         sft.run(validate_config(data))
-    assert f"resumed from step {resume_step} " in caplog.text
-    assert_same_adapter(out, reference)
+    assert train_steps_logged(out) == [1, 2]
+    assert list_committed(out / "checkpoints") == []
+    assert not (out / "adapter").exists()
+
+
+def test_trained_tied_embedding_resumes_exactly(tmp_path):
+    # configs/demo.yaml trains embed_tokens (lora.modules_to_save), which the tiny model ties to
+    # lm_head: one trainable Parameter under two names, saved under both.
+    from multitune.recipes import sft
+
+    def config(out: Path) -> dict:
+        data = run_config(out)
+        data["lora"]["modules_to_save"] = ["embed_tokens"]
+        data["train"]["max_steps"] = 5
+        data["checkpoint"] = {"every_steps": 1, "keep_last": 10}
+        return data
+
+    whole = tmp_path / "whole"
+    sft.run(validate_config(config(whole)))
+    resumed = tmp_path / "resumed"
+    # Step 3 is mid-epoch 0 (4 steps an epoch); the resumed run crosses into epoch 1.
+    shutil.copytree(checkpoint_of(whole, 3), checkpoint_of(resumed, 3))
+    sft.run(validate_config(config(resumed)))
+    assert train_steps_logged(resumed) == [4, 5]
+    expected = adapter_tensors(whole)
+    assert any("embed_tokens" in name for name in expected)
+    assert_same_adapter(resumed, expected)

@@ -29,6 +29,7 @@ from multitune.checkpoint import (
     read_manifest,
     restore_rng_state,
     save_checkpoint,
+    start_checkpoint,
     verify_checkpoint,
 )
 from multitune.checkpoint import checkpointer as checkpointer_module
@@ -144,6 +145,45 @@ def test_committed_folder_holds_manifest_of_every_file(trained):
     assert json.loads((path / "train_state.json").read_text()) == {"epoch": 0, "step": 2}
     assert verify_checkpoint(path) == []
     assert list_temporary(path.parent) == []
+
+
+def test_async_save_writes_the_state_of_its_step_while_training_goes_on(tmp_path):
+    model, optimizer, scheduler = build_run()
+    train_steps(model, optimizer, scheduler, 2)
+    at_save = trainable(model)
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in optimizer.param_groups[0]["params"]]
+    pending = start_checkpoint(
+        tmp_path, 2, model, optimizer, scheduler, {"step": 2}, write_async=True
+    )
+    assert pending.written is not None  # a background write, not yet committed
+    assert list_committed(tmp_path) == []
+    train_steps(model, optimizer, scheduler, 2)  # in-place updates while it may still write
+    assert not torch.equal(trainable(model)[LORA_A], at_save[LORA_A])
+    path = pending.commit()
+    assert verify_checkpoint(path) == []
+
+    fresh, fresh_optimizer, fresh_scheduler = build_run(seed=1)
+    assert load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler) == {"step": 2}
+    restored = trainable(fresh)
+    assert all(torch.equal(restored[name], value) for name, value in at_save.items())
+    for p, expected in zip(fresh_optimizer.param_groups[0]["params"], moments):
+        assert torch.equal(fresh_optimizer.state[p]["exp_avg"], expected)
+
+
+def test_failed_async_write_fails_the_commit_and_commits_nothing(tmp_path, monkeypatch):
+    model, optimizer, scheduler = save_run(tmp_path, [1])
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer_module.FileSystemWriter, "write_data", full_disk)
+    pending = start_checkpoint(
+        tmp_path, 2, model, optimizer, scheduler, {"step": 2}, write_async=True
+    )
+    with pytest.raises(CheckpointError, match="asynchronous write into .* failed") as error:
+        pending.commit()
+    assert "No space left on device" in str(error.value)
+    assert list_committed(tmp_path) == [tmp_path / "step-00000001"]
 
 
 def test_killed_before_commit_leaves_tmp_that_resume_ignores_and_next_save_purges(

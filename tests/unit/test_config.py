@@ -210,6 +210,7 @@ PINNED_KEYS = [
     "checkpoint.every_steps",
     "checkpoint.every_minutes",
     "checkpoint.keep_last",
+    "checkpoint.async_save",
     "tracking.backends",
     "tracking.wandb.project",
     "tracking.wandb.entity",

@@ -14,9 +14,11 @@ and resume before the loop::
 """
 
 from multitune.checkpoint.checkpointer import (
+    PendingCheckpoint,
     check_trainable_tensors,
     load_checkpoint,
     save_checkpoint,
+    start_checkpoint,
 )
 from multitune.checkpoint.commit import find_resume_checkpoint
 from multitune.checkpoint.layout import list_committed, list_temporary
@@ -32,6 +34,7 @@ from multitune.checkpoint.rng import capture_rng_state, restore_rng_state
 __all__ = [
     "CheckpointError",
     "Manifest",
+    "PendingCheckpoint",
     "capture_rng_state",
     "check_trainable_tensors",
     "config_hash",
@@ -42,5 +45,6 @@ __all__ = [
     "read_manifest",
     "restore_rng_state",
     "save_checkpoint",
+    "start_checkpoint",
     "verify_checkpoint",
 ]

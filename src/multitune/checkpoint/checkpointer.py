@@ -2,8 +2,12 @@
 state and per-rank RNG, through torch.distributed.checkpoint (DCP).
 
 DCP writes each rank's own shards, so the same code serves one CPU process (no process group:
-DCP's ``no_dist`` mode), DDP and FSDP2. ``root`` must be a filesystem every rank sees. Saving is
-synchronous; ``dcp.async_save`` is not used yet.
+DCP's ``no_dist`` mode), DDP and FSDP2. ``root`` must be a filesystem every rank sees.
+
+A save is started (``start_checkpoint``) and then committed (``PendingCheckpoint.commit``):
+synchronously both at once (``save_checkpoint``), or with ``write_async`` the tensors are written
+by ``dcp.async_save`` in a background thread while training goes on, and the commit (verify,
+manifest, rename) waits for that write, so a failed write fails the commit.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import json
 import logging
 import math
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -76,6 +84,78 @@ def save_checkpoint(
     the newest ``keep_last`` and stale ``.tmp-*`` folders. Raises CheckpointError, on every rank,
     when any stage fails; nothing is committed then.
     """
+    return start_checkpoint(
+        root, step, model, optimizer, scheduler, train_state, keep_last, config_hash
+    ).commit()
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are (being) written into ``tmp``; ``commit`` makes it count."""
+
+    step: int
+    root: Path
+    tmp: Path
+    final: Path
+    model: torch.nn.Module
+    keep_last: int
+    config_hash: str | None
+    written: Future | None = None  # the asynchronous tensor write; None once written
+    expected: dict | None = None  # the trainable tensors when the save started (async only)
+
+    def commit(self) -> Path:
+        """Wait for the write, verify, and commit as ``save_checkpoint`` describes; call on every
+        rank, at the same point of the run."""
+        problems = []
+        if self.written is not None:
+            try:
+                self.written.result()
+            except (Exception, CheckpointException) as error:  # any failure must fail the run
+                problems.append(
+                    f"the asynchronous write into {self.tmp / DCP_DIR} failed: {_cause(error)}"
+                )
+            self.written = None
+        _raise_if_any(gather_problems(problems), f"checkpoint for step {self.step} not written")
+        _raise_if_any(
+            gather_problems(check_trainable_tensors(self.tmp, self.model, expected=self.expected)),
+            f"checkpoint {self.tmp} does not hold the whole trainable tensors the model holds, so "
+            "it is not committed (a sharded model saved only one rank's slice?)",
+        )
+        rank, world_size = rank_and_world_size()
+        outcome = None
+        if rank == 0:
+            try:
+                commit_checkpoint(self.tmp, self.final, self.step, world_size, self.config_hash)
+            except OSError as error:
+                outcome = f"committing {self.tmp} as {self.final} failed: {error}"
+            else:
+                try:
+                    purge_checkpoints(self.root, self.keep_last, self.final)
+                except OSError as error:
+                    log.warning("purging old checkpoints under %s failed: %s", self.root, error)
+        outcome = broadcast_from_rank0(outcome)  # also holds other ranks until the commit is done
+        if outcome:
+            raise CheckpointError(outcome)
+        if rank == 0:
+            log.info("saved checkpoint %s", self.final)
+        return self.final
+
+
+def start_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_state: dict,
+    keep_last: int = 2,
+    config_hash: str | None = None,
+    *,
+    write_async: bool = False,
+) -> PendingCheckpoint:
+    """Write this step's state into a ``.tmp-*`` folder and return it uncommitted; call on every
+    rank. With ``write_async`` the tensors are copied now and written in a background thread
+    (``dcp.async_save``): commit before the next save, and before the process ends."""
     if keep_last < 1:
         raise ValueError(
             f"keep_last must be at least 1, got {keep_last}: the checkpoint just written is "
@@ -87,15 +167,24 @@ def save_checkpoint(
         raise ValueError(f"train_state['step'] is {train_state['step']} but step is {step}")
     train_state_json = _encode_train_state(train_state)
     rng_state = capture_rng_state()
-    rank, world_size = rank_and_world_size()
+    rank, _ = rank_and_world_size()
     root = Path(root)
     final = root / step_folder_name(step)
     tmp = root / broadcast_from_rank0(temporary_name(final.name) if rank == 0 else None)
     tmp.mkdir(parents=True, exist_ok=True)
+    pending = PendingCheckpoint(step, root, tmp, final, model, keep_last, config_hash)
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
-    model_state = _trainable_only(model, model_state)
-    _dcp_save({"model": model_state, "optim": optim_state}, tmp / DCP_DIR)
+    state = {"model": _trainable_only(model, model_state), "optim": optim_state}
+    if write_async:
+        # The next optimizer step changes these tensors in place while the thread writes: write,
+        # and verify against, copies taken now. (DCP's own staging keeps CPU tensors as they are.)
+        state = _copied(state)
+        held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
+        pending.expected = _copied(held)
+        pending.written = _dcp_async_save(state, tmp / DCP_DIR)
+    else:
+        _dcp_save(state, tmp / DCP_DIR)
     problems = []
     try:
         write_file_durably(tmp / rng_file_name(rank), _torch_bytes(rng_state))
@@ -105,30 +194,7 @@ def save_checkpoint(
     except OSError as error:
         problems.append(f"writing into {tmp} failed: {error}")
     _raise_if_any(gather_problems(problems), f"checkpoint for step {step} not written")
-
-    _raise_if_any(
-        gather_problems(check_trainable_tensors(tmp, model)),
-        f"checkpoint {tmp} does not hold the whole trainable tensors the model holds, so it is "
-        "not committed (a sharded model saved only one rank's slice?)",
-    )
-
-    outcome = None
-    if rank == 0:
-        try:
-            commit_checkpoint(tmp, final, step, world_size, config_hash)
-        except OSError as error:
-            outcome = f"committing {tmp} as {final} failed: {error}"
-        else:
-            try:
-                purge_checkpoints(root, keep_last, final)
-            except OSError as error:
-                log.warning("purging old checkpoints under %s failed: %s", root, error)
-    outcome = broadcast_from_rank0(outcome)  # also holds other ranks until the commit is done
-    if outcome:
-        raise CheckpointError(outcome)
-    if rank == 0:
-        log.info("saved checkpoint %s", final)
-    return final
+    return pending
 
 
 def load_checkpoint(
@@ -192,17 +258,26 @@ def load_checkpoint(
 
 
 def check_trainable_tensors(
-    path: Path, model: torch.nn.Module, *, compare_values: bool = True
+    path: Path,
+    model: torch.nn.Module,
+    *,
+    compare_values: bool = True,
+    expected: dict[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Problems found comparing a step folder's trainable tensors with ``model``'s.
 
     Each must be present with the model parameter's full (global) shape and chunks covering all
     its elements, so a checkpoint holding one rank's slice of a sharded LoRA weight is caught.
     With ``compare_values`` the tensors are read back with DCP (a collective: call on every rank)
-    and each rank compares its local shard with the model's.
+    and each rank compares its local shard with the model's, or with ``expected`` (the trainable
+    state dict as it was when an asynchronous save started).
     """
     held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
+    if expected is not None:
+        held = expected
     problems = []
+    # One entry per Parameter: a tied one (a trained embedding that is also the output head)
+    # is kept under its first name only (see _trainable_only).
     num_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if len(held) != num_trainable:
         problems.append(
@@ -275,6 +350,56 @@ def _dcp_save(state_dict: dict, folder: Path) -> None:
             storage_writer=FileSystemWriter(folder, sync_files=True),
             no_dist=not is_distributed(),
         )
+
+
+def _dcp_async_save(state_dict: dict, folder: Path) -> Future:
+    folder.mkdir(parents=True, exist_ok=True)
+    with _single_process_quietly():
+        return dcp.async_save(
+            state_dict,
+            storage_writer=FileSystemWriter(folder, sync_files=True),
+            process_group=_async_save_group(),
+            no_dist=not is_distributed(),
+        )
+
+
+_ASYNC_SAVE_GROUPS: dict = {}
+
+
+def _async_save_group():
+    """A gloo group of all ranks for the background writes (None in one process).
+
+    The write's collectives run in another thread; on the training's own group they would
+    interleave with the loop's collectives, and async_save needs a CPU backend under NCCL too.
+    Created on the first asynchronous save, which every rank reaches together.
+    """
+    if not is_distributed():
+        return None
+    world = dist.group.WORLD
+    if _ASYNC_SAVE_GROUPS.get("world") is not world:
+        _ASYNC_SAVE_GROUPS.update(world=world, group=dist.new_group(backend="gloo"))
+    return _ASYNC_SAVE_GROUPS["group"]
+
+
+def _cause(error: BaseException) -> str:
+    """The root errors of a failed DCP save (its CheckpointException holds one per rank)."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(
+            f"{type(exc).__name__}: {exc} (DCP rank {rank})"
+            for rank, (exc, _) in sorted(error.failures.items())
+        )
+    return f"{type(error).__name__}: {error}"
+
+
+def _copied(value):
+    """A copy of every tensor in a (nested) state dict; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copied(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(inner) for inner in value)
+    return value
 
 
 def _dcp_load(state_dict: dict, folder: Path) -> None:

@@ -244,6 +244,12 @@ class CheckpointConfig(Section):
     every_steps: int | None = Field(default=None, gt=0, description="Every N optimizer steps.")
     every_minutes: float | None = Field(default=None, gt=0, description="Every N minutes.")
     keep_last: int = Field(default=2, ge=1, description="Committed checkpoints kept on disk.")
+    async_save: bool = Field(
+        default=False,
+        description="Write checkpoints in a background thread (torch.distributed.checkpoint."
+        "async_save) while training goes on; each is committed once written, at the next save or "
+        "the end of the run, and a failed write fails the run.",
+    )
 
 
 class WandbConfig(Section):

@@ -14,6 +14,7 @@ If the extension cannot be built or loaded, every op falls back to its pure PyTo
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -65,12 +66,15 @@ def extension_dir() -> Path:
     """Build cache: ``$MULTITUNE_EXTENSION_DIR`` or ``~/.cache/multitune/torch_extensions``.
 
     A subfolder per Python and torch version keeps an upgrade from loading a stale binary
-    built against another ABI.
+    built against another ABI, and per checkout: the build command names the checkout's
+    ``csrc/``, so two checkouts sharing a folder rebuilt it over each other on every first use
+    (about 30 s, with every torchrun worker waiting on the build lock).
     """
     root = os.environ.get("MULTITUNE_EXTENSION_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "multitune" / "torch_extensions"
     python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return base.expanduser() / f"{python_tag}_torch{torch.__version__.replace('+', '_')}"
+    checkout = hashlib.sha256(str(Path(__file__).resolve().parents[3]).encode()).hexdigest()[:8]
+    return base.expanduser() / f"{python_tag}_torch{torch.__version__.replace('+', '_')}_{checkout}"
 
 
 def _build() -> None:

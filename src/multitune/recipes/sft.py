@@ -26,12 +26,13 @@ import torch
 
 from multitune.checkpoint import (
     CheckpointError,
+    PendingCheckpoint,
     config_hash,
     find_resume_checkpoint,
     list_committed,
     load_checkpoint,
     read_manifest,
-    save_checkpoint,
+    start_checkpoint,
     verify_checkpoint,
 )
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
@@ -166,7 +167,11 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         log.info("distributed strategy %s (%s)", strategy, why)
         if strategy in ("fsdp", "hsdp"):
             check_quantization_for_sharding(cfg.model)
-        apply_strategy(model, strategy, ctx)
+        mesh = apply_strategy(model, strategy, ctx)
+        log.info(
+            "device mesh: %s",
+            " x ".join(f"{n} {k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape)),
+        )
         # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
         seed_everything(cfg.seed + ctx.rank)
 
@@ -325,6 +330,7 @@ def train_loop(
     # ranks other than 0 it logs nothing.
     logger = tracker if tracker is not None else start_tracking(cfg, out)
     window = data.new_log_window()
+    pending = None  # a checkpoint still being written (checkpoint.async_save)
     model.train()
     try:
         show_progress = cfg.train.progress_bar and ctx.is_main
@@ -383,15 +389,19 @@ def train_loop(
                     state = _train_state(step, epoch, consumed, len(order), fixed_config)
                     state["tracker_run_id"] = logger.run_id
                     if stopping or checkpoint_due:
-                        _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
+                        pending = _save_checkpoint(
+                            cfg, out, model, optimizer, scheduler, state, pending
+                        )
                         checkpoints.saved(step)
                     if stopping:
+                        _commit_checkpoint(cfg, out, pending)
                         signal_name = stop_requests[0] if stop_requests else "a stop signal"
                         log.info("%s received: stopped at step %d", signal_name, step)
                         return False
                     advance(1, "")
             if checkpoints.last_step != step:
-                _save_checkpoint(cfg, out, model, optimizer, scheduler, state)
+                pending = _save_checkpoint(cfg, out, model, optimizer, scheduler, state, pending)
+            _commit_checkpoint(cfg, out, pending)
         return True
     finally:
         if tracker is None:
@@ -532,8 +542,19 @@ def _train_state(step: int, epoch: int, consumed: int, epoch_length: int, fixed:
     return {"step": step, "epoch": epoch, "epoch_position": consumed, "fixed_config": fixed}
 
 
-def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, state: dict) -> None:
-    path = save_checkpoint(
+def _save_checkpoint(
+    cfg: RunConfig,
+    out: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    pending: PendingCheckpoint | None,
+) -> PendingCheckpoint | None:
+    """Commit ``pending`` (the previous save, still being written), then save this step: returns
+    it uncommitted while ``checkpoint.async_save`` writes it in the background, else None."""
+    _commit_checkpoint(cfg, out, pending)
+    started = start_checkpoint(
         out / "checkpoints",
         state["step"],
         model,
@@ -542,7 +563,19 @@ def _save_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, sta
         state,
         cfg.checkpoint.keep_last,
         config_hash=config_hash(state["fixed_config"]),
+        write_async=cfg.checkpoint.async_save,
     )
+    if cfg.checkpoint.async_save:
+        return started
+    _commit_checkpoint(cfg, out, started)
+    return None
+
+
+def _commit_checkpoint(cfg: RunConfig, out: Path, pending: PendingCheckpoint | None) -> None:
+    """Wait for ``pending``'s write and commit it (a failed write raises CheckpointError)."""
+    if pending is None:
+        return
+    path = pending.commit()
     if mirrors_checkpoints(cfg, out) and rank_and_world_size()[0] == 0:
         from multitune.hub.push import push_checkpoint
 
