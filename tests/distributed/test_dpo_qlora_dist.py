@@ -31,8 +31,8 @@ pytestmark = pytest.mark.distributed
 
 SFT_STEPS = 4
 DPO_STEPS = 2
-# float32 base: measured max 1e-7 relative (losses), 2e-8 absolute (adapter); 4-bit base with
-# bf16 compute: measured max 2e-7 relative, 5e-8 absolute.
+# Measured worst differences, losses relative / adapter absolute: DPO on a float32 base 6e-7 /
+# 5e-8; SFT on a 4-bit base 8e-8 / 1.3e-7; DPO on a 4-bit base 0 / 3.4e-7.
 LOSS_RTOL = 1e-5
 ADAPTER_ATOL = 1e-5
 
@@ -105,7 +105,8 @@ def assert_same_dpo(out: Path, reference: Path) -> None:
     assert pair_keys(out) == pair_keys(reference)
     table = torch.load(out / "dpo" / "reference_logprobs.pt", weights_only=True)
     expected = torch.load(reference / "dpo" / "reference_logprobs.pt", weights_only=True)
-    assert table["fingerprint"] == expected["fingerprint"]
+    # Same tokenized pairs (the starting adapters of two SFT runs differ in the last bits).
+    assert table["fingerprint"]["pairs"] == expected["fingerprint"]["pairs"]
     torch.testing.assert_close(table["logprobs"], expected["logprobs"], rtol=1e-5, atol=1e-5)
     assert_same_training(out / "dpo", reference / "dpo", DPO_STEPS)
     first = json.loads((out / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
