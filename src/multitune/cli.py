@@ -94,13 +94,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from multitune.recipes import sft  # heavy imports only when training
 
-    if "dpo" in cfg.stages:
-        from multitune.recipes import dpo
+    if "dpo" not in cfg.stages:
+        sft.run(cfg)
+        return 0
+    from multitune.distributed.process_group import (
+        any_rank,
+        destroy_distributed,
+        init_distributed,
+    )
+    from multitune.recipes import dpo
 
-        dpo.refuse_multi_process()  # before SFT, not after hours of it
-    results = sft.run(cfg)
-    if "dpo" in cfg.stages and results:  # {} = stopped by a signal: resume SFT first
-        dpo.run(cfg, Path(cfg.output_dir) / "adapter", previous=results)
+    # Both stages in one process group: under plain torchrun (its agent's shared rendezvous
+    # store) a second group cannot be started after the first is destroyed.
+    ctx = init_distributed(cfg.distributed)
+    try:
+        results = sft.run(cfg, ctx)
+        # {} = stopped by a signal (resume SFT first), or a rank > 0: rank 0 decides for all.
+        if any_rank(ctx, bool(results))[0]:
+            dpo.run(cfg, Path(cfg.output_dir) / "adapter", previous=results, ctx=ctx)
+    finally:
+        destroy_distributed(ctx)
     return 0
 
 

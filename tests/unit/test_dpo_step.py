@@ -8,7 +8,12 @@ from tests.unit.test_training import grads, lora_model
 from multitune.config.schema import DpoConfig
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.losses.dpo import preference_loss
-from multitune.training.dpo_step import TokenizedPair, dpo_window_step, sequence_logprobs
+from multitune.training.dpo_step import (
+    FillerPairs,
+    TokenizedPair,
+    dpo_window_step,
+    sequence_logprobs,
+)
 
 
 def random_pairs(vocab: int) -> list[TokenizedPair]:
@@ -79,3 +84,34 @@ def test_window_loss_and_gradient_equal_the_formula_and_split_exactly(tiny_token
         torch.testing.assert_close(one_grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(four_grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
     assert any(g.abs().sum() > 0 for g in plain_grads.values())
+
+
+def test_rank_shares_with_global_counts_and_a_filler_sum_to_the_whole_window(tiny_tokenizer):
+    # What two ranks compute for one global batch of 3 pairs: rank 0 holds two, rank 1 one and a
+    # filler (its share of the short batch ran out). Divided by the window's global counts, the
+    # shares' gradients and losses add up to the one-process window's; the filler adds nothing.
+    model = lora_model(tiny_tokenizer)
+    pairs = random_pairs(len(tiny_tokenizer))[:3]
+    pad = tiny_tokenizer.pad_token_id
+    cfg = DpoConfig(beta=0.5, sft_weight=0.3)
+    reference = torch.tensor([[-30.0, -31.0], [-60.0, -12.0], [-11.0, -70.0]])
+
+    whole = dpo_window_step(model, [pairs[:2], pairs[2:]], reference, cfg, pad)
+    whole_grads = grads(model)
+    model.zero_grad()
+    window = (3, sum(p.chosen.num_answer_tokens for p in pairs))
+    rank0 = dpo_window_step(model, [pairs[:2]], reference, cfg, pad, window)
+    rank1 = dpo_window_step(model, [pairs[2:], FillerPairs(pairs[:1])], reference, cfg, pad, window)
+    summed_grads = grads(model)
+
+    assert (rank0.num_pairs, rank1.num_pairs) == (2, 1)
+    assert rank1.num_input_tokens == sum(
+        len(e.input_ids) for e in (pairs[2].chosen, pairs[2].rejected)
+    )
+    torch.testing.assert_close(rank0.loss + rank1.loss, whole.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rank0.correct + rank1.correct, whole.correct)
+    for name in whole_grads:
+        torch.testing.assert_close(summed_grads[name], whole_grads[name], rtol=1e-4, atol=1e-7)
+    # Divided by its own count instead, a share's loss would be off: the window counts matter.
+    alone = dpo_window_step(model, [pairs[2:]], reference, cfg, pad)
+    assert alone.loss.item() > 2 * rank1.loss.item()

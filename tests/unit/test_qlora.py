@@ -149,3 +149,21 @@ def test_qlora_trains_on_cuda(tiny_tokenizer):
         optimizer.step()
         optimizer.zero_grad()
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_packed_weights_the_gpu_policy_would_cast_are_refused(tiny_tokenizer):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from multitune.distributed.strategy import check_packed_weights
+
+    cfg = ModelConfig(
+        tiny=TinyModelConfig(size="nano"), quantization="nf4", quant_storage="float32"
+    )
+    full = build_tiny_model(cfg.tiny, tiny_tokenizer, seed=0)
+    float32_storage = quantize_in_memory_model(full, cfg, CPU)
+    gpu_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    check_packed_weights(float32_storage, MixedPrecisionPolicy())  # CPU: nothing is cast
+    with pytest.raises(ValueError, match="model.quant_storage=float32 would be cast to bfloat16"):
+        check_packed_weights(float32_storage, gpu_policy)
+    _, bf16_storage = models(tiny_tokenizer)  # the default storage is the policy's own dtype
+    check_packed_weights(bf16_storage, gpu_policy)

@@ -38,12 +38,15 @@ def rank_micro_batches(
     ctx: DistContext,
     micro_batch_size: int,
     collate: Callable[[Sequence[T]], dict[str, torch.Tensor]],
+    filler: Callable[[Sequence[T]], object] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of the global batch ``chosen``, as many on every rank.
 
     Sharded layers all-gather in every forward, so all ranks must run the same number of them.
     A rank whose share of a short last batch runs out pads with copies of the batch's first
     example whose labels are all ignored: they add no loss, no answer tokens and a zero gradient.
+    ``filler(items)`` makes such a micro-batch for a stage whose batches are not labelled token
+    tensors (DPO's pairs); by default it is ``collate`` with every label ignored.
     """
     share = math.ceil(len(chosen) / ctx.world_size)
     count = math.ceil(share / micro_batch_size)
@@ -52,10 +55,13 @@ def rank_micro_batches(
         collate(mine[i : i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)
     ]
     while len(batches) < count:
-        filler = collate(chosen[:1])
-        filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
-        batches.append(filler)
+        batches.append(filler(chosen[:1]) if filler else _ignored(collate(chosen[:1])))
     return batches
+
+
+def _ignored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
 
 
 def global_answer_tokens(ctx: DistContext, micro_batches: list[dict[str, torch.Tensor]]) -> int:

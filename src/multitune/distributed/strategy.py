@@ -91,6 +91,7 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
         )
     mesh = build_mesh(strategy, ctx)
     policy = mixed_precision(ctx.device)
+    check_packed_weights(model, policy)
     decoder, head = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
@@ -112,6 +113,21 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
             # Plain SUM collectives (gloo has no pre-multiplied sum).
             module.set_force_sum_reduction_for_comms(True)
     return mesh
+
+
+def check_packed_weights(model: torch.nn.Module, policy: MixedPrecisionPolicy) -> None:
+    """Refuse 4-bit weights packed in a float dtype the policy would cast: FSDP2 casts every
+    floating-point parameter to ``param_dtype`` after the all-gather, which would scramble the
+    packed bits (bitsandbytes Params4bit; bf16 storage under the GPU's bf16 policy is not cast)."""
+    packed = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    cast = {d for d in packed if d.is_floating_point and policy.param_dtype not in (None, d)}
+    if cast:
+        raise ValueError(
+            f"model.quant_storage={str(cast.pop()).removeprefix('torch.')} would be cast to "
+            f"{str(policy.param_dtype).removeprefix('torch.')} by the sharded model's "
+            "mixed-precision policy, which scrambles packed 4-bit weights; set "
+            "model.quant_storage: bfloat16 (the default)"
+        )
 
 
 def _embedding_and_head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -6,6 +6,7 @@ the result loads with ``AutoModelForCausalLM.from_pretrained(dest)`` and needs n
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 from peft import PeftModel
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from multitune.config.schema import ModelConfig
@@ -79,4 +80,31 @@ def load_base_model(output_dir: Path) -> PreTrainedModel:
     model, _ = load_model_and_tokenizer(
         model_cfg, [], raw.get("seed", 0), torch.device("cpu"), saved_base=saved_base
     )
+    if getattr(model, "hf_quantizer", None) is not None:
+        model = dequantized(model)
     return model
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """A 4-bit/8-bit base (``model.quantization``) as a plain float32 model holding the weights
+    its adapter was trained against.
+
+    Merging into the quantized layers would round W + BA back to 4 bits and lose most of the
+    adapter. Each packed weight is dequantized to the dtype the quantized forward computed in
+    (``bnb_4bit_compute_dtype``, bf16 for nf4; float32 for int8) and widened to float32, in a
+    fresh model built from the config without its quantization (one that was loaded quantized
+    cannot be saved once dequantized: transformers tries to re-pack it).
+    """
+    quantization = model.hf_quantizer.quantization_config
+    compute = quantization.bnb_4bit_compute_dtype if quantization.load_in_4bit else torch.float32
+    log.info("dequantizing the quantized base (%s) for the merge", compute)
+    state = {
+        k: v.to(torch.float32) for k, v in model.dequantize(dtype=compute).state_dict().items()
+    }
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(state, strict=True)
+    plain.generation_config = model.generation_config
+    return plain

@@ -12,6 +12,7 @@ import importlib.util
 import tempfile
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from multitune.config.schema import ModelConfig
@@ -46,7 +47,11 @@ def quantization_config(cfg: ModelConfig):
 def quantize_in_memory_model(model: PreTrainedModel, cfg: ModelConfig, device) -> PreTrainedModel:
     """Reload a model built in memory with ``model.quantization`` applied (the tiny model)."""
     with tempfile.TemporaryDirectory(prefix="multitune-quantize-") as folder:
-        model.save_pretrained(folder)
+        # Not ``model.save_pretrained``: under torchrun transformers writes its files on rank 0
+        # only, and every rank quantizes its own copy. Shared (tied) tensors are saved once.
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
         return AutoModelForCausalLM.from_pretrained(
             folder,
             quantization_config=quantization_config(cfg),

@@ -7,6 +7,12 @@ resume, stop signals and logging are the SFT ones. No reference model is held in
 starting policy's log-probs of every training pair are computed once, before training, and
 cached on disk under a fingerprint of the tokenized pairs and the starting adapter's files.
 
+Under torchrun every process runs this function, distributed as SFT is (``distributed.strategy``,
+each rank trains on its share of every global batch): the pairs are built on every rank in
+lockstep and rank 0's copy is broadcast, so all ranks train on the same pairs; each rank scores
+its share of the reference batches; the loss of a window is divided by the pairs of the whole
+global batch. Only rank 0 writes files.
+
 Outputs: OUTPUT_DIR/dpo_pairs.jsonl, and OUTPUT_DIR/dpo/ with adapter/, checkpoints/,
 metrics.jsonl, pairs_report.json, reference_logprobs.pt and confusion/.
 """
@@ -17,21 +23,35 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import PeftModel
 
-from multitune.config.schema import RunConfig
+from multitune.config.schema import RunConfig, check_quantization_for_sharding
 from multitune.data import preference
 from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
+from multitune.distributed.process_group import (
+    DistContext,
+    any_rank,
+    destroy_distributed,
+    init_distributed,
+    local_rank_zero_first,
+    sum_over_ranks,
+)
+from multitune.distributed.strategy import (
+    apply_strategy,
+    choose_strategy,
+    frozen_bytes,
+    full_trainable_state,
+)
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
-from multitune.models.loading import load_model_and_tokenizer, pick_device
+from multitune.models.loading import load_model_and_tokenizer
 from multitune.recipes.sft import (
     RESUME_FREE_TRAIN_KEYS,
     TrainingData,
@@ -42,7 +62,13 @@ from multitune.recipes.sft import (
     stop_signals_caught,
     train_loop,
 )
-from multitune.training.dpo_step import TokenizedPair, dpo_window_step, sequence_logprobs
+from multitune.training.dpo_step import (
+    DpoStepResult,
+    FillerPairs,
+    TokenizedPair,
+    dpo_window_step,
+    sequence_logprobs,
+)
 from multitune.training.state import seed_everything
 
 log = logging.getLogger(__name__)
@@ -74,24 +100,27 @@ def dpo_fixed_config(cfg: RunConfig, adapter: Path) -> dict:
     return fixed
 
 
-def refuse_multi_process() -> None:
-    """The DPO stage runs in one process for now: its window step has no cross-rank pair count."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            "the DPO stage does not run under torchrun yet (WORLD_SIZE > 1): train SFT with "
-            "torchrun and stages: [sft], then run `multitune dpo CONFIG --adapter "
-            "OUTPUT_DIR/adapter` as one process"
-        )
+def run(
+    cfg: RunConfig, adapter: Path, previous: dict | None = None, ctx: DistContext | None = None
+) -> dict:
+    """DPO from ``adapter``; returns the eval results (``previous``: the SFT stage's, if any;
+    ``{}`` on ranks > 0 after SFT). Under torchrun, call it in every process; ``ctx``: a process
+    group the caller started and will end (``multitune train`` runs both stages in one).
 
-
-def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
-    """DPO from ``adapter``; returns the eval results (``previous``: the SFT stage's, if any).
-
-    After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``.
+    After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``; ranks > 0 return ``{}``.
     """
-    refuse_multi_process()
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    if ctx is not None:
+        return _run(cfg, adapter, previous, ctx)
+    ctx = init_distributed(cfg.distributed)
+    try:
+        return _run(cfg, adapter, previous, ctx)
+    finally:
+        destroy_distributed(ctx)
+
+
+def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext) -> dict:
     out = Path(cfg.output_dir)
     stage_dir = out / STAGE_DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -100,18 +129,30 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
     seed_everything(cfg.seed)
     started = time.perf_counter()
 
-    tasks = load_tasks(cfg, include_test=False)
-    device = pick_device()
+    device = ctx.device
     saved_base = adapter.parent / "base_model"
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, training_corpus(tasks), cfg.seed, device, saved_base=saved_base
-    )
+    with local_rank_zero_first(ctx):  # hub downloads once per node
+        tasks = load_tasks(cfg, include_test=False)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, training_corpus(tasks), cfg.seed, device, saved_base=saved_base
+        )
     tokenize_tasks(tasks, tokenizer, cfg)
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if ctx.initialized:
+        base_bytes = frozen_bytes(model)  # before the tie is separated below
     separate_tied_frozen_parameters(model)
+    if ctx.initialized:
+        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
+        log.info("distributed strategy %s (%s)", strategy, why)
+        if strategy in ("fsdp", "hsdp"):
+            check_quantization_for_sharding(cfg.model)
+        apply_strategy(model, strategy, ctx)
 
-    pairs = build_pairs(model, tokenizer, tasks, cfg)
-    preference.write_pairs(out / "dpo_pairs.jsonl", pairs)
+    # Every rank scores the same examples in lockstep (sharded layers all-gather in each
+    # forward); rank 0's pairs are then everyone's, so no rounding difference can split them.
+    pairs = broadcast_from_rank_zero(ctx, build_pairs(model, tokenizer, tasks, cfg))
+    if ctx.is_main:
+        preference.write_pairs(out / "dpo_pairs.jsonl", pairs)
     tokenized, report = {}, {}
     for split, split_pairs in pairs.items():
         tokenized[split], dropped = preference.tokenize_pairs(split_pairs, tokenizer, cfg)
@@ -125,19 +166,25 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
                 len(split_pairs),
                 cfg.data.max_seq_len,
             )
-    (stage_dir / "pairs_report.json").write_text(json.dumps(report, indent=2))
+    if ctx.is_main:
+        (stage_dir / "pairs_report.json").write_text(json.dumps(report, indent=2))
     if not tokenized["train"]:
         raise ValueError(f"no DPO training pairs left ({report['train']}); see dpo.* settings")
 
     pad_id = tokenizer.pad_token_id
+    batch_size = cfg.eval.batch_size
+    cache = stage_dir / REFERENCE_CACHE
     reference = reference_logprobs(
-        model, tokenized["train"], pad_id, cfg.eval.batch_size, stage_dir / REFERENCE_CACHE, adapter
+        model, tokenized["train"], pad_id, batch_size, cache, adapter, ctx
     ).to(device)
-    before = preference_accuracy(model, tokenized["validation"], pad_id, cfg.eval.batch_size)
+    before = preference_accuracy(model, tokenized["validation"], pad_id, batch_size, ctx)
     if previous is None:
         previous = starting_results(model, tokenizer, tasks, cfg, adapter)
+    if ctx.initialized:
+        # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
+        seed_everything(cfg.seed + ctx.rank)
 
-    data = dpo_training_data(tokenized["train"], reference, cfg, pad_id, device, fixed)
+    data = dpo_training_data(tokenized["train"], reference, cfg, pad_id, device, fixed, ctx)
     with stop_signals_caught() as stop_requests:
         finished = train_loop(
             model,
@@ -148,6 +195,7 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
             device,
             resume_from,
             stop_requests,
+            ctx,
             data=data,
         )
     if not finished:
@@ -155,10 +203,19 @@ def run(cfg: RunConfig, adapter: Path, previous: dict | None = None) -> dict:
         return {}
 
     final = evaluate_tasks(
-        model, tokenizer, tasks, cfg, split="validation", confusion_dir=stage_dir / "confusion"
+        model,
+        tokenizer,
+        tasks,
+        cfg,
+        split="validation",
+        confusion_dir=stage_dir / "confusion" if ctx.is_main else None,
     )
-    after = preference_accuracy(model, tokenized["validation"], pad_id, cfg.eval.batch_size)
-    save_adapter(model, tokenizer, stage_dir / "adapter", saved_base)
+    after = preference_accuracy(model, tokenized["validation"], pad_id, batch_size, ctx)
+    # Gathering a sharded model's whole adapter is a collective: every rank takes part.
+    state = full_trainable_state(model) if ctx.initialized else None
+    if not ctx.is_main:
+        return {}
+    save_adapter(model, tokenizer, stage_dir / "adapter", saved_base, state)
     results = write_eval_results(
         out,
         previous["tasks"],
@@ -211,6 +268,15 @@ def build_pairs(model, tokenizer, tasks, cfg: RunConfig) -> dict[str, list]:
     return pairs
 
 
+def broadcast_from_rank_zero(ctx: DistContext, value):
+    """Rank 0's ``value`` on every rank (any picklable object); itself in one process."""
+    if not ctx.initialized:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def adapter_fingerprint(adapter: Path) -> str:
     """sha256 over the adapter folder's adapter_* files (weights and config)."""
     digest = hashlib.sha256()
@@ -230,13 +296,18 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
 
 @torch.no_grad()
 def compute_reference_logprobs(
-    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int
+    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, ctx: DistContext | None = None
 ) -> torch.Tensor:
     """[pairs, 2] summed answer log-probs (chosen, rejected) of the model as it is now.
 
     Eval mode (no LoRA dropout), adapter enabled: the starting policy itself is the reference.
+    Under torchrun rank r scores the length-sorted batches r, r + world, ... (the batches of one
+    process, so the same padding and the same figures), every rank running as many forwards
+    (a rank out of batches repeats the first and drops the result); the table is summed over ranks.
     """
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    ctx = ctx or DistContext()
+    device = next(model.parameters()).device
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -246,44 +317,62 @@ def compute_reference_logprobs(
             dataclasses.replace(example, task_index=side, example_index=index)
             for index, side, example in sides
         ]
-        for batch in by_length(examples, batch_size):
-            values = sequence_logprobs(model, batch, pad_id).float().cpu()
+        batches = list(by_length(examples, batch_size))
+        rounds = -(-len(batches) // ctx.world_size)
+        for number in range(rounds * ctx.world_size)[ctx.rank :: ctx.world_size]:
+            if number >= len(batches):
+                sequence_logprobs(model, batches[0], pad_id)  # in step with the other ranks
+                continue
+            batch = batches[number]
+            values = sequence_logprobs(model, batch, pad_id).float()
             for example, value in zip(batch, values):
                 out[example.example_index, example.task_index] = value
     finally:
         model.train(was_training)
-    return out
+    return sum_over_ranks(ctx, out).cpu()
 
 
 def reference_logprobs(
-    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, cache: Path, adapter: Path
+    model,
+    pairs: list[TokenizedPair],
+    pad_id: int,
+    batch_size: int,
+    cache: Path,
+    adapter: Path,
+    ctx: DistContext | None = None,
 ) -> torch.Tensor:
-    """The cached reference table when its fingerprint matches, else computed and cached."""
+    """The cached reference table when its fingerprint matches (on every rank), else computed
+    and cached (written by rank 0)."""
+    ctx = ctx or DistContext()
     fingerprint = {"pairs": pairs_fingerprint(pairs), "adapter": adapter_fingerprint(adapter)}
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
-            log.info("reference log-probs: reusing %s (same pairs and starting adapter)", cache)
-            return saved["logprobs"]
+    saved = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    reusable = saved.get("fingerprint") == fingerprint
+    # One rank without the file (another node's disk) makes every rank compute: they must
+    # run the same forwards.
+    if not any_rank(ctx, not reusable)[0]:
+        log.info("reference log-probs: reusing %s (same pairs and starting adapter)", cache)
+        return saved["logprobs"]
+    if saved:
         log.info(
             "reference log-probs: %s is for other pairs or another adapter; recomputing", cache
         )
-    logprobs = compute_reference_logprobs(model, pairs, pad_id, batch_size)
-    partial = cache.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "logprobs": logprobs}, partial)
-    partial.replace(cache)  # atomic: a crash never leaves a half-written table behind
-    log.info("reference log-probs: computed for %d pairs, cached in %s", len(pairs), cache)
+    logprobs = compute_reference_logprobs(model, pairs, pad_id, batch_size, ctx)
+    if ctx.is_main:
+        partial = cache.with_suffix(".tmp")
+        torch.save({"fingerprint": fingerprint, "logprobs": logprobs}, partial)
+        partial.replace(cache)  # atomic: a crash never leaves a half-written table behind
+        log.info("reference log-probs: computed for %d pairs, cached in %s", len(pairs), cache)
     return logprobs
 
 
 @torch.no_grad()
 def preference_accuracy(
-    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int
+    model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, ctx: DistContext | None = None
 ) -> float | None:
     """Share of pairs where the model gives the chosen answer the higher log-prob."""
     if not pairs:
         return None
-    scores = compute_reference_logprobs(model, pairs, pad_id, batch_size)
+    scores = compute_reference_logprobs(model, pairs, pad_id, batch_size, ctx)
     return float((scores[:, 0] > scores[:, 1]).float().mean())
 
 
@@ -298,19 +387,65 @@ def starting_results(model, tokenizer, tasks, cfg: RunConfig, adapter: Path) -> 
 
 
 def dpo_training_data(
-    pairs: list[TokenizedPair], reference: torch.Tensor, cfg: RunConfig, pad_id, device, fixed
+    pairs: list[TokenizedPair],
+    reference: torch.Tensor,
+    cfg: RunConfig,
+    pad_id,
+    device,
+    fixed,
+    ctx: DistContext | None = None,
 ) -> TrainingData:
+    ctx = ctx or DistContext(device=device)
+
     def epoch_items(epoch: int) -> list:
         order = list(range(len(pairs)))
         random.Random(f"{cfg.seed}-dpo-{epoch}").shuffle(order)
         return [pairs[i] for i in order]
 
     def window_step(model, micro_batches):
-        return dpo_window_step(model, micro_batches, reference, cfg.dpo, pad_id)
+        # Every rank divides by the pairs (and chosen tokens) of the whole global batch.
+        window = global_window_counts(ctx, micro_batches) if ctx.initialized else None
+        result = dpo_window_step(model, micro_batches, reference, cfg.dpo, pad_id, window)
+        return sum_preference_results(ctx, result)
 
     return TrainingData(
-        len(pairs), epoch_items, list, window_step, lambda: PreferenceLogWindow(device), fixed
+        len(pairs),
+        epoch_items,
+        list,
+        window_step,
+        lambda: PreferenceLogWindow(device),
+        fixed,
+        filler=FillerPairs,
     )
+
+
+def global_window_counts(ctx: DistContext, micro_batches: list[list]) -> tuple[int, int]:
+    """(pairs, chosen answer tokens) of the whole global batch, over all ranks."""
+    counted = [mb for mb in micro_batches if not isinstance(mb, FillerPairs)]
+    local = [
+        sum(len(mb) for mb in counted),
+        sum(p.chosen.num_answer_tokens for mb in counted for p in mb),
+    ]
+    pairs, tokens = sum_over_ranks(ctx, torch.tensor(local, device=ctx.device)).tolist()
+    return int(pairs), int(tokens)
+
+
+def sum_preference_results(ctx: DistContext, result: DpoStepResult) -> DpoStepResult:
+    """The step's figures over the whole global batch (one all-reduce; each rank's ``loss`` is
+    already its share of the global mean, so the sum over ranks is the global loss)."""
+    if not ctx.initialized:
+        return result
+    fields = ("loss", "chosen_reward_sum", "rejected_reward_sum", "correct", "chosen_nll_sum")
+    counts = ("num_pairs", "num_input_tokens", "num_chosen_tokens")
+    device = result.loss.device
+    packed = torch.stack(
+        [getattr(result, f).detach().float().reshape(()) for f in fields]
+        + [torch.tensor(float(getattr(result, c)), device=device) for c in counts]
+    )
+    total = sum_over_ranks(ctx, packed)
+    summed = dict(zip(fields, total[: len(fields)]))
+    summed.update({c: int(v) for c, v in zip(counts, total[len(fields) :].tolist())})
+    return DpoStepResult(**summed)
 
 
 class PreferenceLogWindow:

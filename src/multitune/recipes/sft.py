@@ -94,13 +94,16 @@ RESUME_FREE_TRAIN_KEYS = (
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, ctx: DistContext | None = None) -> dict:
     """Train, evaluate and save one run; returns the final eval results.
 
     Resumes per ``cfg.resume``. After SIGTERM/SIGUSR1 it saves a checkpoint and returns ``{}``
-    without the final evaluation. Under torchrun, call it in every process.
+    without the final evaluation. Under torchrun, call it in every process (ranks > 0 return
+    ``{}``); ``ctx``: a process group the caller started and will end (SFT then DPO).
     """
     check_preflight(cfg)  # tokens, hub access, disk, launch: all failures before any loading
+    if ctx is not None:
+        return _run(cfg, ctx)
     ctx = init_distributed(cfg.distributed)
     try:
         return _run(cfg, ctx)
@@ -234,7 +237,9 @@ class TrainingData:
     a resumed run recomputes it); ``collate(items)`` makes one micro-batch of them;
     ``window_step(model, micro_batches)`` runs forward/backward over this rank's micro-batches of
     one accumulation window and returns what ``new_log_window()``'s ``add`` sums for logging;
-    ``fixed_config`` is what a checkpoint of this stage may only be resumed with.
+    ``fixed_config`` is what a checkpoint of this stage may only be resumed with; ``filler(items)``
+    a micro-batch that adds nothing, for a rank whose share of a short batch ran out (default:
+    ``collate`` with every label ignored; see ``rank_micro_batches``).
     """
 
     num_examples: int
@@ -243,6 +248,7 @@ class TrainingData:
     window_step: Callable[[torch.nn.Module, list], object]
     new_log_window: Callable[[], object]
     fixed_config: dict
+    filler: Callable[[list], object] | None = None
 
 
 def sft_training_data(
@@ -346,7 +352,7 @@ def train_loop(
                     chosen = order[start : start + plan.global_batch]
                     # This rank's share of the global batch (all of it in one process).
                     micro_batches = rank_micro_batches(
-                        chosen, ctx, plan.micro_batch_size, data.collate
+                        chosen, ctx, plan.micro_batch_size, data.collate, data.filler
                     )
                     if log.isEnabledFor(logging.DEBUG):
                         mine = rank_share(chosen, ctx.rank, ctx.world_size)

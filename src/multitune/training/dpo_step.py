@@ -23,6 +23,11 @@ class TokenizedPair:
     index: int
 
 
+class FillerPairs(list):
+    """Pairs a rank runs through forward and backward only so that sharded layers see as many
+    passes on every rank (its share of a short last batch ran out); they add nothing."""
+
+
 @dataclass
 class DpoStepResult:
     """Sums over the accumulation window, on device (the log window divides at flush)."""
@@ -58,35 +63,44 @@ def dpo_window_step(
     reference: torch.Tensor,
     cfg: DpoConfig,
     pad_id: int,
+    window: tuple[int, int] | None = None,
 ) -> DpoStepResult:
     """Forward/backward every micro-batch of pairs against cached reference log-probs.
 
     ``reference`` is [pairs, 2] (chosen, rejected), indexed by ``TokenizedPair.index``. The
     preference loss is normalised by the pairs of the whole window and the SFT term by the chosen
     answer tokens of the window, so the gradient does not depend on how the window is split.
+    ``window``: (pairs, chosen answer tokens) of the whole window over all ranks, when these
+    micro-batches are one rank's share of it (default: these micro-batches are all of it).
+    The result's counts and sums are this rank's own.
     """
     device = reference.device
-    num_pairs = sum(len(mb) for mb in micro_batches)
-    num_chosen_tokens = sum(p.chosen.num_answer_tokens for mb in micro_batches for p in mb)
-    if num_pairs == 0:
+    counted = [mb for mb in micro_batches if not isinstance(mb, FillerPairs)]
+    num_pairs = sum(len(mb) for mb in counted)
+    num_chosen_tokens = sum(p.chosen.num_answer_tokens for mb in counted for p in mb)
+    window_pairs, window_chosen_tokens = window or (num_pairs, num_chosen_tokens)
+    if window_pairs == 0:
         raise ValueError("an accumulation window holds no preference pairs")
     zero = torch.zeros((), device=device)
     total, chosen_sum, rejected_sum, correct, nll_sum = zero, zero, zero, zero, zero
     num_input_tokens = 0
     for pairs in micro_batches:
         examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        num_input_tokens += sum(len(e.input_ids) for e in examples)
         # Chosen and rejected in one forward pass: one decoder call per micro-batch.
         logps = sequence_logprobs(model, examples, pad_id)
+        if isinstance(pairs, FillerPairs):
+            (logps.sum() * 0.0).backward()  # the backward pass the sharded layers wait for
+            continue
+        num_input_tokens += sum(len(e.input_ids) for e in examples)
         n = len(pairs)
         ref = reference[torch.tensor([p.index for p in pairs], device=device)]
         out = preference_loss(
             logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing
         )
-        loss = out.losses.sum() / num_pairs
+        loss = out.losses.sum() / window_pairs
         nll = -logps[:n].sum()
         if cfg.sft_weight:
-            loss = loss + cfg.sft_weight * nll / num_chosen_tokens
+            loss = loss + cfg.sft_weight * nll / window_chosen_tokens
         loss.backward()
         total = total + loss.detach()
         chosen_sum = chosen_sum + out.chosen_rewards.sum()
