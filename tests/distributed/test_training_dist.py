@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -395,3 +396,38 @@ def child_pids(pid: int) -> list[int]:
 def worker_rank(pid: int) -> int:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return int(next(v for v in environ if v.startswith(b"RANK="))[5:])
+
+
+def test_trained_tied_embedding_shards_checkpoints_and_resumes(tmp_path):
+    # configs/demo.yaml trains embed_tokens in full (lora.modules_to_save), which the tiny model
+    # ties to the output head: one trainable tensor under two names, sharded in the
+    # embedding/head group. 2 processes (fsdp) match one process; the 2-rank checkpoint of the
+    # end of epoch 0, resumed by one process, ends with the same adapter.
+    from multitune.recipes import sft
+
+    def config(out: Path) -> dict:
+        data = run_config(out)
+        data["lora"]["modules_to_save"] = ["embed_tokens"]
+        data["checkpoint"] = {"every_steps": STEPS_PER_EPOCH}
+        return data
+
+    one = tmp_path / "one"
+    sft.run(validate_config(config(one)))
+    reference = train_losses(one), adapter(one), eval_results(one)
+    assert any("embed_tokens" in name for name in reference[1])
+
+    two = tmp_path / "two"
+    path = write_config(config(two), tmp_path / "two.yaml")
+    log = tmp_path / "run.log"
+    wait(
+        [start(torchrun_argv(path, 2, port=free_port()) + ["distributed.strategy=fsdp"], log)], log
+    )
+    assert_matches_reference(two, reference)
+
+    resumed = tmp_path / "resumed"
+    epoch_end = f"step-{STEPS_PER_EPOCH:08d}"
+    assert read_manifest(two / "checkpoints" / epoch_end).world_size == 2
+    shutil.copytree(two / "checkpoints" / epoch_end, resumed / "checkpoints" / epoch_end)
+    sft.run(validate_config(config(resumed)))
+    assert list(train_losses(resumed)) == list(range(STEPS_PER_EPOCH + 1, STEPS + 1))
+    assert_matches_reference(resumed, reference, steps=range(STEPS_PER_EPOCH + 1, STEPS + 1))

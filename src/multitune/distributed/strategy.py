@@ -81,14 +81,11 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
     the decoder and then the head on the answer positions only; the embedding/head group is kept
     unsharded from the decoder's forward until the end of backward (``reshard_after_forward``
     off), so the head call needs no all-gather of its own and tied embeddings (Llama 3.2) stay
-    one tensor. Gradients are summed, not averaged, over ranks: each rank's loss is already
+    one tensor. A trained embedding/head (``lora.modules_to_save``) is sharded in that group
+    too: its gradient, from the embedding lookup and from the head inside the fused op, reaches
+    the unsharded tensor and is reduce-scattered once at the end of backward. Gradients are summed, not averaged, over ranks: each rank's loss is already
     divided by the global answer-token count.
     """
-    if any(p.requires_grad for p in _embedding_and_head_parameters(model)):
-        raise ValueError(
-            "lora.modules_to_save (a trained embed_tokens/lm_head) is not supported in "
-            "multi-process training yet; train adapters only, or run one process"
-        )
     mesh = build_mesh(strategy, ctx)
     policy = mixed_precision(ctx.device)
     check_packed_weights(model, policy)
@@ -128,11 +125,6 @@ def check_packed_weights(model: torch.nn.Module, policy: MixedPrecisionPolicy) -
             "mixed-precision policy, which scrambles packed 4-bit weights; set "
             "model.quant_storage: bfloat16 (the default)"
         )
-
-
-def _embedding_and_head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    decoder, head = decoder_and_head(model)
-    return [*decoder.get_input_embeddings().parameters(), *head.parameters()]
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
