@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from peak_rss import peak_rss, reset_peak_rss  # bench/peak_rss.py, beside this script
+
 SETTINGS = [  # micro-batch, sequence length, activation checkpointing
     (4, 128, False),
     (8, 256, False),
@@ -50,14 +52,6 @@ def bench_config(micro_batch: int, seq_len: int, checkpointing: bool):
             "train": {"micro_batch_size": micro_batch},
         }
     )
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def measure(micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
@@ -98,11 +92,9 @@ def measure(micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
     model.zero_grad(set_to_none=True)
     batch = make_batch(micro_batch, seq_len)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-    before = _proc_status_bytes("VmRSS")
+    before = reset_peak_rss()
     accumulate_gradients(model, [batch], weights, 1)
-    peak = _proc_status_bytes("VmHWM")
+    peak = peak_rss()
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 32 * 1024**2)  # M_MMAP_THRESHOLD: glibc's dynamic ceiling
     libc.mallopt(-1, 64 * 1024**2)  # M_TRIM_THRESHOLD: twice that, as glibc sets it

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from peak_rss import peak_rss, reset_peak_rss  # bench/peak_rss.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_32_1B_SHAPE = {  # meta-llama/Llama-3.2-1B config.json, without downloading anything
     "hidden_size": 2048,
@@ -51,14 +53,6 @@ LLAMA_32_1B_SHAPE = {  # meta-llama/Llama-3.2-1B config.json, without downloadin
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,
 }
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def setup(args):
@@ -199,9 +193,7 @@ def measure(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-    rss_before = _proc_status_bytes("VmRSS")
+    rss_before = reset_peak_rss()
     timed = steps[args.warmup :]
     started = time.perf_counter()
     for step_examples in timed:
@@ -219,7 +211,7 @@ def measure(args) -> dict:
         "useful_tokens": tokens,
         "answer_tokens": sum(e.num_answer_tokens for e in examples),
         "tokens_per_s": tokens / seconds,
-        "peak_rss": _proc_status_bytes("VmHWM"),
+        "peak_rss": peak_rss(),
         "rss_before": rss_before,
         "peak_cuda": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "flops": useful_flops(model, examples),

@@ -178,10 +178,10 @@ def start_checkpoint(
     state = {"model": _trainable_only(model, model_state), "optim": optim_state}
     if write_async:
         # The next optimizer step changes these tensors in place while the thread writes: write,
-        # and verify against, copies taken now. (DCP's own staging keeps CPU tensors as they are.)
+        # and verify against, copies taken now. (DCP's own staging keeps CPU tensors as they are,
+        # and only reads them, so the commit can compare the read-back with the same copies.)
         state = _copied(state)
-        held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
-        pending.expected = _copied(held)
+        pending.expected = state["model"]
         pending.written = _dcp_async_save(state, tmp / DCP_DIR)
     else:
         _dcp_save(state, tmp / DCP_DIR)
@@ -272,9 +272,9 @@ def check_trainable_tensors(
     and each rank compares its local shard with the model's, or with ``expected`` (the trainable
     state dict as it was when an asynchronous save started).
     """
-    held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
-    if expected is not None:
-        held = expected
+    held = expected
+    if held is None:
+        held = _trainable_only(model, get_model_state_dict(model, options=_TRAINABLE))
     problems = []
     # One entry per Parameter: a tied one (a trained embedding that is also the output head)
     # is kept under its first name only (see _trainable_only).
