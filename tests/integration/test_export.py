@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import datasets
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -24,12 +25,6 @@ from multitune.export.command import add_export_arguments, cmd_export
 from multitune.export.gguf import export_gguf, llama3_rope_factors, llama_hparams
 from multitune.export.merge import export_merged
 from multitune.hub.card import write_model_card
-
-try:
-    import gguf
-except ImportError:  # the optional `gguf` extra
-    gguf = None
-needs_gguf = pytest.mark.skipif(gguf is None, reason="needs the gguf package (gguf extra)")
 
 INTENTS = ["card_arrival", "card_linking", "exchange_rate", "Refund_not_showing_up"]
 PROBE_TEXTS = [
@@ -198,7 +193,6 @@ def test_export_merged_refuses_a_non_empty_destination(run_dir: Path, merged_dir
         export_merged(run_dir, merged_dir)
 
 
-@needs_gguf
 def test_gguf_metadata_and_tensors_follow_llama_cpp(merged_dir: Path, gguf_file: Path):
     config = json.loads((merged_dir / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -299,7 +293,6 @@ def llama_cpp_reference_logits(path: Path, token_ids: list[int]) -> np.ndarray:
     return x @ w.get("output.weight", w["token_embd.weight"]).T
 
 
-@needs_gguf
 def test_gguf_weights_reproduce_transformers_logits(merged_dir: Path, gguf_file: Path):
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
@@ -309,7 +302,6 @@ def test_gguf_weights_reproduce_transformers_logits(merged_dir: Path, gguf_file:
     np.testing.assert_allclose(llama_cpp_reference_logits(gguf_file, ids), expected, atol=1e-4)
 
 
-@needs_gguf
 def test_export_command_writes_f16_gguf_without_merged_folder(run_dir: Path, tmp_path: Path):
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
@@ -328,7 +320,6 @@ def test_export_command_needs_a_target(run_dir: Path):
         cmd_export(parser.parse_args([str(run_dir)]))
 
 
-@needs_gguf
 def test_gguf_export_rejects_non_llama_architectures(tmp_path: Path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ExportError, match="Llama-architecture models only"):

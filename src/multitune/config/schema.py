@@ -31,8 +31,17 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "builtin:tiny-llama"
+    name: str = Field(
+        default="builtin:tiny-llama",
+        description="builtin:tiny-llama, builtin:smollm2-135m-instruct, a hub id, a local folder, "
+        "or a .gguf file.",
+    )
     revision: str | None = None
+    gguf_file: str | None = Field(
+        default=None,
+        description="A GGUF file inside the hub repo or folder model.name names; it is "
+        "dequantized to model.dtype once and cached.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
@@ -99,9 +108,22 @@ class TaskConfig(Section):
     prompt_template: str | None = Field(
         default=None, description="Python format string over the row's fields; see README."
     )
+    answer_format: Literal["letter", "text"] | None = Field(
+        default=None,
+        description="Multiple choice only: the assistant answers with the right choice's letter "
+        "(unset = letter) or its text; small models learn the text far better.",
+    )
     sampling_weight: float | None = Field(default=None, gt=0)
     loss_weight: float = Field(default=1.0, gt=0)
     max_examples: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _answer_format_multiple_choice(self) -> TaskConfig:
+        if self.answer_format is not None and self.kind not in (None, "multiple_choice"):
+            raise ValueError(
+                f"answer_format applies to multiple_choice tasks; task {self.name!r} is {self.kind}"
+            )
+        return self
 
 
 class DataConfig(Section):

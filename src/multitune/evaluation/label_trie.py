@@ -114,12 +114,16 @@ class LabelTrie:
 
 
 def constrained_greedy_step(
-    logits: torch.Tensor, prefixes: Sequence[Sequence[int]], trie: LabelTrie
+    logits: torch.Tensor,
+    prefixes: Sequence[Sequence[int]],
+    trie: LabelTrie | Sequence[LabelTrie],
 ) -> torch.Tensor:
     """Greedy next token per row among the tokens ``trie`` allows after that row's prefix.
 
     ``logits`` is ``[B, V]`` and ``prefixes[b]`` holds the tokens generated so far for row b.
-    Rows whose prefix is already a complete label get ``trie.end_token_id`` again, so a batched
+    ``trie`` is one trie for every row (a label set) or one per row (each multiple-choice
+    question's own choices); all must share the end token.
+    Rows whose prefix is already a complete label get the end token again, so a batched
     loop can keep stepping until every row is done. Returns a ``[B]`` long tensor on the logits'
     device. Equivalent to masking disallowed tokens to -inf and taking the argmax (ties go to the
     lowest token id), except that the result is an allowed token even when every allowed logit
@@ -130,7 +134,10 @@ def constrained_greedy_step(
     batch_size, vocab_size = logits.shape
     if len(prefixes) != batch_size:
         raise ValueError(f"got {len(prefixes)} prefixes for a batch of {batch_size} logit rows")
-    allowed = [trie.allowed_next(prefix) or [trie.end_token_id] for prefix in prefixes]
+    tries = [trie] * batch_size if isinstance(trie, LabelTrie) else list(trie)
+    if len(tries) != batch_size:
+        raise ValueError(f"got {len(tries)} tries for a batch of {batch_size} logit rows")
+    allowed = [t.allowed_next(prefix) or [t.end_token_id] for t, prefix in zip(tries, prefixes)]
     width = max(len(tokens) for tokens in allowed)
     largest = max(max(tokens) for tokens in allowed)
     if largest >= vocab_size:

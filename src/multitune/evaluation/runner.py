@@ -43,6 +43,8 @@ def metric_names(task: TaskData) -> tuple[str, ...]:
     if kind == "classification":
         names += ("accuracy", "macro_f1", "mcc")
         return names + (("f1",) if len(task.spec.label_names) == 2 else ())
+    if kind == "multiple_choice" and task.spec.answer_format == "text":
+        return names + ("accuracy",)
     if kind == "multiple_choice":
         return names + ("accuracy", "text_accuracy")
     names += ("bleu", "chrf", "rouge_l")
@@ -114,12 +116,23 @@ def _evaluate_task(
             metrics.save_confusion_matrix(
                 confusion_dir / f"{name}.json", matrix, labels, confusion_dir / f"{name}.png"
             )
+    elif task.spec.kind == "multiple_choice" and task.spec.answer_format == "text":
+        # Decode under each question's own constraint: only its choice texts can come out.
+        end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
+        candidates = {e.example_index: source[e.example_index].candidates for e in examples}
+        tries = {i: label_trie(tokenizer, texts, end_id) for i, texts in candidates.items()}
+        predicted = constrained_labels(model, examples, tries, cfg.eval.batch_size, pad_id)
+        preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
+        result["answer_format"] = "text"
+        result["accuracy"] = metrics.accuracy(preds, golds)
+        result["samples"] = sample_predictions(source, examples, preds, golds)
     elif task.spec.kind == "multiple_choice":
         candidates = {e.example_index: source[e.example_index].candidates for e in examples}
         predicted = choice_letters(
             model, examples, candidates, tokenizer, cfg.eval.batch_size, pad_id
         )
         preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
+        result["answer_format"] = "letter"
         result["accuracy"] = metrics.accuracy(preds, golds)
         result["samples"] = sample_predictions(source, examples, preds, golds)
         # The same question answered by the choice texts themselves, each scored by its mean

@@ -84,7 +84,7 @@ def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, use_ca
 def constrained_labels(
     model: torch.nn.Module,
     examples: list[TokenizedExample],
-    trie: LabelTrie,
+    trie: LabelTrie | dict[int, LabelTrie],
     batch_size: int,
     pad_id: int,
 ) -> dict[int, int]:
@@ -92,21 +92,25 @@ def constrained_labels(
 
     A prefix trie over the labels' token sequences (each ended by the end-of-turn token) masks
     every other token at each step, so even an untrained model can only produce a valid label.
-    Decoding runs batched with the KV cache over left-padded prompts.
+    ``trie`` is one trie for all examples (classification), or example index -> its own trie
+    (a multiple-choice question's choice texts). Decoding runs batched with the KV cache over
+    left-padded prompts.
     """
     device = next(model.parameters()).device
     predictions = {}
     for batch in by_length(examples, batch_size):
+        tries = [trie if isinstance(trie, LabelTrie) else trie[e.example_index] for e in batch]
+        end_id = tries[0].end_token_id
         prompts = [e.input_ids[: e.prompt_length] for e in batch]
         out, mask, positions = _prompt_forward(model, prompts, pad_id, device)
         cache, generated = out.past_key_values, [[] for _ in batch]
         logits = out.logits[:, -1, :]
-        for _ in range(trie.max_sequence_length):
-            step = constrained_greedy_step(logits.float(), generated, trie)
+        for _ in range(max(t.max_sequence_length for t in tries)):
+            step = constrained_greedy_step(logits.float(), generated, tries)
             for row, token in enumerate(step.tolist()):
-                if not generated[row] or generated[row][-1] != trie.end_token_id:
+                if not generated[row] or generated[row][-1] != end_id:
                     generated[row].append(token)
-            if all(g[-1] == trie.end_token_id for g in generated):
+            if all(g[-1] == end_id for g in generated):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
@@ -118,8 +122,8 @@ def constrained_labels(
                 use_cache=True,
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
-        for example, sequence in zip(batch, generated):
-            predictions[example.example_index] = trie.label_index(sequence)
+        for example, sequence, row_trie in zip(batch, generated, tries):
+            predictions[example.example_index] = row_trie.label_index(sequence)
     return predictions
 
 

@@ -41,13 +41,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.gguf is not None:
         import_gguf()  # fail before a long merge if the optional package is missing
     name = args.output_dir.resolve().name
+    source = base_gguf_file(args.output_dir) if args.gguf is not None else None
     if args.merged is not None:
         merged = export_merged(args.output_dir, args.merged)
         print(f"merged model: {merged}")
         if args.gguf is not None:
-            print(f"GGUF: {export_gguf(merged, args.gguf, args.gguf_dtype, name)}")
+            print(f"GGUF: {export_gguf(merged, args.gguf, args.gguf_dtype, name, source)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="multitune-merge-") as scratch:
         merged = export_merged(args.output_dir, Path(scratch) / "merged")
-        print(f"GGUF: {export_gguf(merged, args.gguf, args.gguf_dtype, name)}")
+        print(f"GGUF: {export_gguf(merged, args.gguf, args.gguf_dtype, name, source)}")
     return 0
+
+
+def base_gguf_file(output_dir: Path) -> Path | None:
+    """The GGUF file the run's base model was read from (GGUF in, fine-tune, GGUF out)."""
+    import yaml
+
+    from multitune.models.gguf import gguf_file_of
+
+    config_path = output_dir / "config.yaml"
+    model = (
+        (yaml.safe_load(config_path.read_text()) or {}).get("model", {})
+        if config_path.is_file()
+        else {}
+    )
+    name = model.get("name")
+    if not name:
+        return None
+    return gguf_file_of(name, model.get("gguf_file"), model.get("revision"))

@@ -56,12 +56,19 @@ LAYER_TENSORS = {
 
 
 def export_gguf(
-    merged_dir: Path, dest_file: Path, dtype: str = "f16", name: str | None = None
+    merged_dir: Path,
+    dest_file: Path,
+    dtype: str = "f16",
+    name: str | None = None,
+    tokenizer_source: Path | None = None,
 ) -> Path:
     """Convert the merged checkpoint in ``merged_dir`` to ``dest_file`` (GGUF, f32 or f16).
 
     In f16 files the 2-D weights are float16 and norms stay float32, as llama.cpp writes them.
-    ``name`` (``general.name``) defaults to the folder's name.
+    ``name`` (``general.name``) defaults to the folder's name. ``tokenizer_source`` is the GGUF
+    file the run's base model was read from: its ``tokenizer.*`` metadata is copied verbatim, so
+    the fine-tuned file tokenizes exactly as the original did in llama.cpp (for SmolLM2 its
+    ``smollm`` pre-tokenizer, which transformers' GGUF reader does not carry over).
     """
     gguf = import_gguf()
     if dtype not in GGUF_DTYPES:
@@ -69,8 +76,9 @@ def export_gguf(
     merged_dir, dest_file = Path(merged_dir), Path(dest_file)
     config = read_llama_config(merged_dir)
     hparams = llama_hparams(config)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    vocab = gguf_vocab(tokenizer, hparams["vocab_size"])
+    vocab = None
+    if tokenizer_source is None:
+        vocab = gguf_vocab(AutoTokenizer.from_pretrained(merged_dir), hparams["vocab_size"])
     tensors = llama_tensors(load_state_dict(merged_dir), hparams, dtype)
 
     dest_file.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,10 @@ def export_gguf(
         )
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_llama_metadata(writer, gguf, hparams)
-        add_tokenizer_metadata(writer, vocab)
+        if vocab is None:
+            copy_tokenizer_metadata(writer, gguf, tokenizer_source, hparams["vocab_size"])
+        else:
+            add_tokenizer_metadata(writer, vocab)
         for tensor_name, array in tensors:
             writer.add_tensor(tensor_name, array)
         writer.write_header_to_file()
@@ -105,7 +116,7 @@ def import_gguf():
         import gguf
     except ImportError as exc:
         raise ExportError(
-            "GGUF export needs the gguf package: pip install 'multitune[gguf]'"
+            "GGUF export needs the gguf package, a dependency of multitune: reinstall it"
         ) from exc
     return gguf
 
@@ -254,6 +265,22 @@ def add_tokenizer_metadata(writer, vocab: dict[str, Any]) -> None:
     writer.add_add_eos_token(vocab["add_eos"])
     if vocab["chat_template"]:
         writer.add_chat_template(vocab["chat_template"])
+
+
+def copy_tokenizer_metadata(writer, gguf, source: Path, vocab_size: int) -> None:
+    """Every ``tokenizer.*`` key of ``source`` (another GGUF file), with its types."""
+    fields = {k: f for k, f in gguf.GGUFReader(source).fields.items() if k.startswith("tokenizer.")}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != vocab_size:
+        count = None if tokens is None else len(tokens.data)
+        raise ExportError(
+            f"{source} lists {count} tokens but the model has {vocab_size} embeddings; it is not "
+            "the file this run's base model came from"
+        )
+    for key, field in fields.items():
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
 
 
 def load_state_dict(merged_dir: Path) -> dict[str, torch.Tensor]:

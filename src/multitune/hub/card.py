@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from multitune.models.gguf import BUILTIN_GGUF_MODELS
+
 # Equal to multitune.models.tiny.TINY_MODEL_NAME (a test pins it); not imported from there so
 # that writing a card does not import torch and transformers.
 TINY_MODEL_NAME = "builtin:tiny-llama"
@@ -105,13 +107,17 @@ def card_metadata(
     model_name = config["model"]["name"]
     tasks = config["tasks"]
     metadata: dict[str, Any] = {}
+    builtin = BUILTIN_GGUF_MODELS.get(model_name)
     if model_name != TINY_MODEL_NAME:
-        # The built-in model lives in the run folder, not on the Hub: there is no id to name.
-        metadata["base_model"] = model_name
+        # The built-in tiny model lives in the run folder, not on the Hub: no id to name. A
+        # built-in GGUF model names the hub model its file was converted from.
+        metadata["base_model"] = builtin.upstream if builtin else model_name
         if merged:
             metadata["base_model_relation"] = "finetune"
     metadata["library_name"] = "transformers" if merged else "peft"
-    metadata["license"] = license or base_model_license(model_name)
+    metadata["license"] = license or (
+        builtin.license if builtin else base_model_license(model_name)
+    )
     datasets = [t["dataset"] for t in tasks if t.get("dataset") and is_hub_dataset(t["dataset"])]
     if datasets:
         metadata["datasets"] = list(dict.fromkeys(datasets))
@@ -183,6 +189,16 @@ def _base_description(config: dict) -> str:
     if model["name"] == TINY_MODEL_NAME:
         size = (model.get("tiny") or {}).get("size", "micro")
         return f"multitune's built-in tiny Llama-architecture model (`{TINY_MODEL_NAME}`, {size})"
+    if model["name"] in BUILTIN_GGUF_MODELS:
+        builtin = BUILTIN_GGUF_MODELS[model["name"]]
+        return (
+            f"[{builtin.upstream}](https://huggingface.co/{builtin.upstream}) (licence "
+            f"{builtin.license}), read from the GGUF file `{builtin.file_name}` of the "
+            f"`{builtin.distribution}` package (`{model['name']}`)"
+        )
+    if str(model["name"]).endswith(".gguf") or model.get("gguf_file"):
+        gguf = model.get("gguf_file")
+        return f"the GGUF model `{model['name']}`" + (f" (file `{gguf}`)" if gguf else "")
     return f"[{model['name']}](https://huggingface.co/{model['name']})"
 
 
@@ -297,7 +313,9 @@ def _results_section(eval_results: dict) -> str:
 def _usage_section(config: dict, repo_id: str | None, merged: bool) -> str:
     output_dir = str(config["output_dir"])
     tiny = config["model"]["name"] == TINY_MODEL_NAME
+    builtin = BUILTIN_GGUF_MODELS.get(config["model"]["name"])
     base_ref = f"{output_dir}/base_model" if tiny else config["model"]["name"]
+    base_ref = builtin.upstream if builtin else base_ref
     if merged:
         ref = repo_id or "path/to/this/folder"
         code = [
@@ -326,6 +344,13 @@ def _usage_section(config: dict, repo_id: str | None, merged: bool) -> str:
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]))',
     ]
     lines = ["## How to use", "", "```python", *code, "```"]
+    if builtin and not merged:
+        lines += [
+            "",
+            f"The adapter was trained on the dequantized weights of `{builtin.file_name}`, which "
+            f"are within 4-bit rounding of `{builtin.upstream}`; for bit-exact results load "
+            "the base the way multitune does (`model.name: " + config["model"]["name"] + "`).",
+        ]
     if tiny and not merged:
         lines += [
             "",

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from multitune.config.schema import ModelConfig
+from multitune.models.gguf import converted_folder, gguf_file_of
 from multitune.models.quantization import quantization_config, quantize_in_memory_model
 from multitune.models.tiny import TINY_MODEL_NAME, build_tiny_model, train_tiny_tokenizer
 
@@ -66,11 +67,13 @@ def load_model_and_tokenizer(
                 model = quantize_in_memory_model(model, cfg, device)
         model.config._attn_implementation = resolve_attn_implementation(cfg, device)
         return _to_device(model, device), tokenizer
-    tokenizer = _from_hub(AutoTokenizer, cfg)
+    source = model_source(cfg, dtype)
+    tokenizer = _from_hub(AutoTokenizer, cfg, source)
     quantization = quantization_config(cfg)
     model = _from_hub(
         AutoModelForCausalLM,
         cfg,
+        source,
         dtype=dtype,
         attn_implementation=resolve_attn_implementation(cfg, device),
         # Quantized weights are placed as they load; they cannot be moved with .to() afterwards.
@@ -82,6 +85,13 @@ def load_model_and_tokenizer(
     )
     ensure_pad_token(tokenizer, model)
     return _to_device(model, device), tokenizer
+
+
+def model_source(cfg: ModelConfig, dtype: torch.dtype) -> str:
+    """What ``from_pretrained`` loads: ``model.name`` itself, or, for a GGUF model, the cached
+    folder it was converted to (see ``models/gguf.py``)."""
+    gguf = gguf_file_of(cfg.name, cfg.gguf_file, cfg.revision)
+    return cfg.name if gguf is None else str(converted_folder(gguf, dtype))
 
 
 def _to_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
@@ -101,10 +111,12 @@ def ensure_pad_token(tokenizer: Tokenizer, model: PreTrainedModel) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _from_hub(factory, cfg: ModelConfig, **kwargs):
+def _from_hub(factory, cfg: ModelConfig, source: str, **kwargs):
+    # A converted GGUF folder is local: the hub revision belongs to the repo the file came from.
+    revision = cfg.revision if source == cfg.name else None
     try:
         return factory.from_pretrained(
-            cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+            source, revision=revision, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     except Exception as exc:
         raise ModelLoadError(explain_hub_model_error(cfg.name, exc)) from exc

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 from multitune.config.schema import ModelConfig
+from multitune.models.gguf import gguf_file_of
 from multitune.models.tiny import TINY_MODEL_NAME, TINY_SHAPES
 
 
@@ -176,6 +177,10 @@ def resolve_architecture(cfg: ModelConfig) -> Architecture:
             "the task data (model.tiny.tokenizer_vocab_size), padded to model.tiny.vocab_size"
         )
         return Architecture(cfg.name, "built-in tiny model", config, shape_of(config), [note])
+    gguf = gguf_file_of(cfg.name, cfg.gguf_file, cfg.revision)
+    if gguf is not None:  # the file's metadata holds the config; no weights are read
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return Architecture(cfg.name, str(gguf), config, shape_of(config))
     path = Path(cfg.name).expanduser()
     if path.exists():
         folder = path.parent if path.is_file() else path

@@ -90,8 +90,12 @@ def _load_tokenizer(cfg: RunConfig, corpus: list[str]):
         return tokenizer
     from transformers import AutoTokenizer
 
+    from multitune.models.gguf import gguf_file_of
     from multitune.models.loading import ModelLoadError, explain_hub_model_error
 
+    gguf = gguf_file_of(cfg.model.name, cfg.model.gguf_file, cfg.model.revision)
+    if gguf is not None:  # read from the file's metadata; no need to convert the weights
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     try:
         return AutoTokenizer.from_pretrained(
             cfg.model.name,

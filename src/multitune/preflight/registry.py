@@ -17,6 +17,7 @@ from pathlib import Path
 
 from multitune.config.schema import RunConfig
 from multitune.data.loading import is_local
+from multitune.models.gguf import BUILTIN_GGUF_MODELS
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight import checks
 
@@ -53,7 +54,7 @@ class Context:
         """(repo type, id, revision) of everything the run downloads from the Hub."""
         repos = []
         model = self.cfg.model
-        if model.name != TINY_MODEL_NAME and not Path(model.name).expanduser().exists():
+        if not is_builtin_model(model.name) and not Path(model.name).expanduser().exists():
             repos.append(("model", model.name, model.revision))
         for task in self.cfg.tasks:
             if task.dataset and not is_local(task.dataset):
@@ -246,3 +247,8 @@ def check_preflight(cfg: RunConfig, env: Mapping[str, str] | None = None) -> Non
     failures = run_preflight(cfg, env)
     if failures:
         raise PreflightError(failures)
+
+
+def is_builtin_model(name: str) -> bool:
+    """Built-in models come from this package or an installed one, never from the Hub."""
+    return name == TINY_MODEL_NAME or name in BUILTIN_GGUF_MODELS

@@ -1,4 +1,10 @@
-"""Multiple choice: question + lettered choices -> the letter (commonsense_qa layout)."""
+"""Multiple choice: question + choices -> the right choice (commonsense_qa layout).
+
+``answer_format: letter`` (the default) lists lettered choices and trains the letter;
+``answer_format: text`` lists the choices and trains the right choice's own text, which small
+models learn far better than a letter-to-choice lookup (evaluation then decodes under a
+per-question constraint that allows only that question's choice texts).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,15 @@ from multitune.tasks.columns import find_column
 from multitune.tasks.spec import TaskSpec
 
 TEMPLATE = "{question}\n\n{choices}\n\nAnswer with the letter of the correct choice."
+TEXT_TEMPLATE = "{question}\n\nChoices:\n{choices}\n\nAnswer with the correct choice."
+TEMPLATES = {"letter": TEMPLATE, "text": TEXT_TEMPLATE}
 
 
 def resolve(cfg: TaskConfig, train: datasets.Dataset, index: int) -> TaskSpec:
     source = cfg.dataset or cfg.name
     key = f"tasks.{index}.columns"
     names = train.column_names
+    answer_format = cfg.answer_format or "letter"
     return TaskSpec(
         name=cfg.name,
         kind="multiple_choice",
@@ -28,8 +37,9 @@ def resolve(cfg: TaskConfig, train: datasets.Dataset, index: int) -> TaskSpec:
             "answer": find_column("answer", names, cfg.columns.answer, source, f"{key}.answer"),
         },
         system_prompt=cfg.system_prompt,
-        prompt_template=cfg.prompt_template or TEMPLATE,
+        prompt_template=cfg.prompt_template or TEMPLATES[answer_format],
         loss_weight=cfg.loss_weight,
+        answer_format=answer_format,
     )
 
 
@@ -69,18 +79,30 @@ def to_examples(data: datasets.Dataset, split: str, spec: TaskSpec) -> list[Exam
             raise row_error(
                 spec.source, split, row, a_col, f"answer {answer!r} is not one of {letters}"
             )
-        listing = "\n".join(f"{letter}. {text.strip()}" for letter, text in zip(letters, texts))
+        texts = [t.strip() for t in texts]
+        if spec.answer_format == "text":
+            if len(set(texts)) < len(texts):
+                raise row_error(
+                    spec.source, split, row, spec.columns["choices"],
+                    f"two choices have the same text {texts!r}; answer_format text cannot tell "
+                    "them apart (use answer_format: letter)",
+                )  # fmt: skip
+            listing = "\n".join(f"- {text}" for text in texts)
+            target, candidates = texts[letters.index(answer)], tuple(texts)
+        else:
+            listing = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
+            target, candidates = answer, tuple(letters)
         fields = {**record, "question": question.strip(), "choices": listing}
         prompt = render_prompt(spec.prompt_template, fields, spec.source)
         examples.append(
             Example(
                 task=spec.name,
                 row=row,
-                messages=chat(spec.system_prompt, prompt, answer),
-                answer=answer,
-                stratum=answer,
-                candidates=tuple(letters),
-                choice_texts=tuple(t.strip() for t in texts),
+                messages=chat(spec.system_prompt, prompt, target),
+                answer=target,
+                stratum=answer,  # the letter: stratified splits balance the answer positions
+                candidates=candidates,
+                choice_texts=tuple(texts),
             )
         )
     return examples

@@ -16,3 +16,4 @@ class TaskSpec:
     prompt_template: str | None = None
     loss_weight: float = 1.0
     label_mapping: dict[str, str] | None = None
+    answer_format: str | None = None  # multiple choice: "letter" or "text"
