@@ -1,23 +1,20 @@
-"""Evaluation speed per task kind on the demo data, and one-pass multiple choice vs generation.
+"""Evaluation cost per task kind on the demo's real model: where the time of an evaluation goes.
 
-Builds the demo's model (the built-in tiny model, micro, with the demo's LoRA config) and data
-(configs/demo.yaml), and times every scorer `multitune eval` uses on the validation split, with
-the demo's evaluation batch size:
+Builds the demo's model (configs/demo.yaml: SmolLM2-135M-Instruct unless ``--config`` names
+another, with the demo's LoRA config, untrained) and data, plus commonsense_qa answered by letter
+and two generated kinds the demo has no data for (qa: commonsense_qa's questions answered by the
+letter as free text; chat: banking77's texts answered by a sentence naming the intent). For each
+task it times, on the validation split with the demo's evaluation batch size:
 
-- classification (banking77: 77 labels, text_claims: 2): constrained label decoding;
-- multiple choice (commonsense_qa): the choice letters from one forward pass per question, the
-  choice texts by length-normalised log-likelihood (5 rows per question), and, as the plain
-  baseline, generating the letter with the same batched greedy decoder (max 2 new tokens: the
-  letter and the end-of-turn token; an untrained model never stops early);
-- qa and chat, which the demo has no data for: commonsense_qa's questions answered by the
-  letter as free text (qa), and banking77's texts answered by the intent as a chat: batched
-  greedy generation up to eval.max_new_tokens.
+- the answer-loss pass alone (one forward over prompt + gold answer, the fused loss op);
+- the whole per-task evaluation `multitune eval` runs (loss, predictions, metrics).
 
-Every scorer runs once to warm up, then ``--repeats`` rounds time each scorer in turn; the
-fastest run of each counts. Prints one table and the speed-up of one-pass letter scoring over
-letter generation.
+Constrained decoding (classification, multiple choice by text) reads the gold answers in the
+same forward as the prompts and stops as soon as every row can only become one label, so its
+evaluation should cost about one loss pass: the ratio column shows it. Every measurement runs
+once to warm up, then ``--repeats`` rounds time each in turn; the fastest of each counts.
 
-Run: .venv/bin/python bench/eval_speed.py [--threads 1] [--max-examples 128]
+Run: .venv/bin/python bench/eval_speed.py [--threads 2] [--max-examples 64]
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build(max_examples: int, max_new_tokens: int, workdir: Path):
+def build(config: Path, max_examples: int, max_new_tokens: int, workdir: Path):
     from multitune.config.loader import load_config
     from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
     from multitune.models.loading import load_model_and_tokenizer, pick_device
@@ -62,7 +59,7 @@ def build(max_examples: int, max_new_tokens: int, workdir: Path):
         )
     )
     cfg = load_config(
-        REPO / "configs" / "demo.yaml",
+        config,
         [
             f"output_dir={workdir / 'run'}",
             f"eval.max_examples={max_examples}",
@@ -70,10 +67,17 @@ def build(max_examples: int, max_new_tokens: int, workdir: Path):
         ],
     )
     data = cfg.model_dump()
+    csqa = str(REPO / "data/sample/commonsense_qa")
     data["tasks"] += [
         {
+            "name": "csqa_letter",
+            "preset": "commonsense_qa",
+            "dataset": csqa,
+            "answer_format": "letter",
+        },
+        {
             "name": "csqa_as_qa",
-            "dataset": str(REPO / "data/sample/commonsense_qa"),
+            "dataset": csqa,
             "kind": "qa",
             "columns": {"question": "question", "answer": "answerKey"},
         },
@@ -92,79 +96,21 @@ def build(max_examples: int, max_new_tokens: int, workdir: Path):
     return cfg, tasks, model, tokenizer
 
 
-def scorers(cfg, tasks, model, tokenizer):
-    """(task, kind, method, number of examples, zero-argument scoring function)."""
-    from multitune.evaluation.scoring import (
-        choice_letters,
-        choice_text_scores,
-        constrained_labels,
-        end_of_turn_id,
-        greedy_generate,
-        label_trie,
-    )
+def measurements(cfg, tasks, model, tokenizer):
+    """Per task: (task, kind, examples, mean tokens, loss pass, whole evaluation) callables."""
+    from multitune.evaluation.runner import evaluate_tasks
+    from multitune.evaluation.scoring import answer_loss
 
-    batch, pad_id = cfg.eval.batch_size, tokenizer.pad_token_id
-    end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
     out = []
     for task in tasks:
         examples = task.tokenized["validation"][: cfg.eval.max_examples]
-        source = task.examples["validation"]
-        name, kind = task.spec.name, task.spec.kind
-        if kind == "classification":
-            trie = label_trie(tokenizer, task.spec.label_names, end_id)
-            out.append(
-                (
-                    name,
-                    kind,
-                    "constrained label decoding",
-                    len(examples),
-                    partial(constrained_labels, model, examples, trie, batch, pad_id),
-                )
-            )
-        elif kind == "multiple_choice":
-            letters = {e.example_index: source[e.example_index].candidates for e in examples}
-            texts = {e.example_index: source[e.example_index].choice_texts for e in examples}
-            out += [
-                (
-                    name,
-                    kind,
-                    "letters, one forward pass",
-                    len(examples),
-                    partial(choice_letters, model, examples, letters, tokenizer, batch, pad_id),
-                ),
-                (
-                    name,
-                    kind,
-                    "choice texts, mean log-prob",
-                    len(examples),
-                    partial(choice_text_scores, model, examples, texts, tokenizer, batch, pad_id),
-                ),
-                (
-                    name,
-                    kind,
-                    "baseline: generate the letter",
-                    len(examples),
-                    partial(greedy_generate, model, examples, tokenizer, end_id, batch, 2),
-                ),
-            ]
-        else:
-            out.append(
-                (
-                    name,
-                    kind,
-                    f"greedy generation, <= {cfg.eval.max_new_tokens} tokens",
-                    len(examples),
-                    partial(
-                        greedy_generate,
-                        model,
-                        examples,
-                        tokenizer,
-                        end_id,
-                        batch,
-                        cfg.eval.max_new_tokens,
-                    ),
-                )
-            )
+        kind = task.spec.kind
+        if kind == "multiple_choice":
+            kind += f" ({task.spec.answer_format})"
+        tokens = sum(len(e.input_ids) for e in examples) / len(examples)
+        loss = partial(answer_loss, model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        whole = partial(evaluate_tasks, model, tokenizer, [task], cfg)
+        out.append((task.spec.name, kind, len(examples), tokens, loss, whole))
     return out
 
 
@@ -187,10 +133,11 @@ def fastest_round_robin(fns: list, repeats: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-examples", type=int, default=128, help="per task")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-examples", type=int, default=64, help="per task")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="qa and chat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -199,29 +146,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, tasks, model, tokenizer = build(args.max_examples, args.max_new_tokens, Path(tmp))
-        measured = scorers(cfg, tasks, model, tokenizer)
-        times = fastest_round_robin([fn for *_, fn in measured], args.repeats)
-        rows = [(*row[:4], seconds) for row, seconds in zip(measured, times)]
+        cfg, tasks, model, tokenizer = build(
+            args.config, args.max_examples, args.max_new_tokens, Path(tmp)
+        )
+        measured = measurements(cfg, tasks, model, tokenizer)
+        fns = [fn for row in measured for fn in row[4:]]
+        times = fastest_round_robin(fns, args.repeats)
 
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), eval.batch_size "
-        f"{cfg.eval.batch_size}, tiny model '{cfg.model.tiny.size}', best of {args.repeats}"
+        f"{cfg.model.name}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"eval.batch_size {cfg.eval.batch_size}, best of {args.repeats}"
     )
-    print()
-    print("| task | kind | method | examples | seconds | examples/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, kind, method, n, seconds in rows:
-        print(f"| {name} | {kind} | {method} | {n} | {seconds:.3f} | {n / seconds:.1f} |")
-    mc = {method: seconds for _, kind, method, _, seconds in rows if kind == "multiple_choice"}
-    one_pass = mc["letters, one forward pass"]
-    generated = mc["baseline: generate the letter"]
     print()
     print(
-        f"multiple choice: one-pass letter scoring {generated / one_pass:.2f}x the speed of "
-        f"generating the letter ({one_pass:.3f} s vs {generated:.3f} s); choice-text scoring "
-        f"takes {mc['choice texts, mean log-prob'] / one_pass:.2f}x the one-pass time"
+        "| task | kind | examples | tokens/example | loss pass s | evaluation s | examples/s | evaluation / loss pass |"
     )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, kind, n, tokens, *_), loss_s, eval_s in zip(measured, times[0::2], times[1::2]):
+        print(
+            f"| {name} | {kind} | {n} | {tokens:.0f} | {loss_s:.2f} | {eval_s:.2f} | "
+            f"{n / eval_s:.1f} | {eval_s / loss_s:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
         "tasks.1.max_examples=60",
         "tasks.2.max_examples=60",
     ]
-    proc = run_cli("train", "configs/demo.yaml", *overrides)
+    proc = run_cli("train", "configs/demo-tiny.yaml", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The per-task table.
     assert "per-task results on validation" in proc.stdout
@@ -85,7 +85,7 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
     again = tmp_path / "eval"
     proc = run_cli(
         "eval",
-        "configs/demo.yaml",
+        "configs/demo-tiny.yaml",
         "--adapter",
         str(adapter),
         *overrides[1:],
@@ -101,7 +101,7 @@ def test_demo_config_runs_end_to_end_and_writes_every_output(tmp_path):
     # The test split: text_claims has none on the hub, which is an error, not a zero metric.
     proc = run_cli(
         "eval",
-        "configs/demo.yaml",
+        "configs/demo-tiny.yaml",
         "--split",
         "test",
         *overrides[1:],

@@ -165,3 +165,14 @@ def test_step_rejects_bad_shapes(trie):
         ValueError, match="token id 20 is outside the logits' vocabulary of size 15"
     ):
         constrained_greedy_step(torch.zeros(1, 15), [[]], trie)
+
+
+def test_forced_completion_is_the_only_path_left_or_none():
+    trie = LabelTrie.from_token_sequences([[5, 6], [5, 7], [8, 9, 10]], end_token_id=0)
+    assert trie.forced_completion([]) is None
+    assert trie.forced_completion([5]) is None  # 6 or 7
+    assert trie.forced_completion([8]) == [9, 10, 0]
+    assert trie.forced_completion([5, 6]) == [0]
+    assert trie.forced_completion([5, 6, 0]) == []
+    prefix_label = LabelTrie.from_token_sequences([[5], [5, 6]], end_token_id=0)
+    assert prefix_label.forced_completion([5]) is None  # end here, or go on to 6

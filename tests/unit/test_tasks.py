@@ -130,6 +130,39 @@ def test_multiple_choice_rejects_unlabelled_rows_by_number():
     assert "A. x\nB. y" in first.messages[-2]["content"]
 
 
+def test_multiple_choice_text_format_trains_the_choice_text():
+    row = {
+        "question": "Where is milk kept cold?",
+        "choices": {"label": ["A", "B", "C"], "text": ["garage", " fridge ", "oven"]},
+        "answerKey": "B",
+    }
+    data = datasets.Dataset.from_list([row])
+    spec = multiple_choice.resolve(task_cfg(kind="multiple_choice", answer_format="text"), data, 0)
+    example = multiple_choice.to_examples(data, "train", spec)[0]
+    assert spec.answer_format == "text"
+    assert example.answer == "fridge" and example.messages[-1]["content"] == "fridge"
+    assert example.candidates == ("garage", "fridge", "oven")
+    assert example.stratum == "B"  # splits still balance the answer positions
+    prompt = example.messages[-2]["content"]
+    assert "- garage\n- fridge\n- oven" in prompt and "B." not in prompt
+    letter = multiple_choice.resolve(task_cfg(kind="multiple_choice"), data, 0)
+    assert letter.answer_format == "letter"
+    assert multiple_choice.to_examples(data, "train", letter)[0].answer == "B"
+
+
+def test_multiple_choice_text_format_refuses_indistinguishable_choices():
+    row = {"question": "q?", "choices": ["same", "same", "other"], "answerKey": "C"}
+    data = datasets.Dataset.from_list([row])
+    spec = multiple_choice.resolve(task_cfg(kind="multiple_choice", answer_format="text"), data, 0)
+    with pytest.raises(TaskDataError, match=r"row 0, column 'choices': two choices have the same"):
+        multiple_choice.to_examples(data, "train", spec)
+
+
+def test_answer_format_is_refused_on_other_kinds():
+    with pytest.raises(Exception, match="answer_format applies to multiple_choice tasks"):
+        task_cfg(kind="classification", answer_format="text")
+
+
 def test_sample_data_loads_splits_and_reports(tmp_path, tiny_tokenizer):
     cfg = validate_config(small_config_dict(tmp_path, max_examples=100))
     tasks = load_tasks(cfg)

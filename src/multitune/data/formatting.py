@@ -8,7 +8,7 @@ own; an assistant segment (answer + end-of-turn token) is trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -22,15 +22,18 @@ MIN_PROMPT_CONTENT_TOKENS = 8
 
 @dataclass
 class Piece:
-    """Token ids of one message: ``head`` (markup), ``content`` (truncatable), ``tail``."""
+    """Token ids of one message: ``head`` (markup), ``content`` (truncatable), ``tail`` (up to
+    and including the end-of-turn token), ``after`` (markup after the end-of-turn token, such as
+    ChatML's newline: never generated, so never trained on)."""
 
     role: str
     head: list[int]
     content: list[int]
     tail: list[int]
+    after: list[int] = field(default_factory=list)
 
     def ids(self) -> list[int]:
-        return self.head + self.content + self.tail
+        return self.head + self.content + self.tail + self.after
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,27 @@ def chat_pieces(
             head, body, tail = segment, "", ""
         else:
             head, body, tail = segment[:start], content, segment[start + len(content) :]
+        tail_ids = _encode(tokenizer, tail)
+        end = _end_of_turn(tail_ids, set(tokenizer.all_special_ids))
         pieces.append(
             Piece(
                 message["role"],
                 _encode(tokenizer, header + head),
                 _encode(tokenizer, body),
-                _encode(tokenizer, tail),
+                tail_ids[:end],
+                tail_ids[end:],
             )
         )
     return pieces
+
+
+def _end_of_turn(tail: list[int], special_ids: set[int]) -> int:
+    """Length of the tail up to and including its first special token (the end of turn); the
+    whole tail when it has none."""
+    for index, token in enumerate(tail):
+        if token in special_ids:
+            return index + 1
+    return len(tail)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -113,6 +128,7 @@ def tokenize_example(
     turns after the first trained answer in a multi-turn chat); the answer is never cut.
     """
     pieces = chat_pieces(list(example.messages), tokenizer, template_kwargs)
+    pieces[-1].after = []  # markup after the last end of turn: nothing reads it
     truncated = False
     if _length(pieces) > max_seq_len:
         truncated = True
@@ -127,6 +143,7 @@ def tokenize_example(
         labels += [IGNORE_INDEX] * len(piece.head)
         trained = piece.content + piece.tail
         labels += trained if piece.role == "assistant" else [IGNORE_INDEX] * len(trained)
+        labels += [IGNORE_INDEX] * len(piece.after)
     if all(label == IGNORE_INDEX for label in labels):
         return "no_answer_tokens"
     last = pieces[-1]

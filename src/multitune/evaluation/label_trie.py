@@ -102,6 +102,19 @@ class LabelTrie:
         """
         return sorted(self._children[self._walk(prefix)])
 
+    def forced_completion(self, prefix: Sequence[int]) -> list[int] | None:
+        """The rest of the only label ``prefix`` can still become (its end token included), or
+        None while two or more labels remain. Greedy decoding has a single allowed token at
+        every step of that rest, so it needs no model call to finish the row."""
+        node, rest = self._walk(prefix), []
+        while node not in self._label_at_leaf:
+            children = self._children[node]
+            if len(children) != 1:
+                return None
+            ((token, node),) = children.items()
+            rest.append(token)
+        return rest
+
     def label_index(self, completed_sequence: Sequence[int]) -> int:
         """Label index for a full label sequence that ends with the end token."""
         node = self._walk(completed_sequence)

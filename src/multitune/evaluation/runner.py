@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from multitune.config.schema import RunConfig
+from multitune.data.formatting import TokenizedExample
 from multitune.data.pipeline import TaskData
 from multitune.evaluation import metrics
 from multitune.evaluation.scoring import (
@@ -19,7 +20,8 @@ from multitune.evaluation.scoring import (
     greedy_generate,
     label_trie,
 )
-from multitune.tasks.base import TaskDataError
+from multitune.tasks.base import Example, TaskDataError
+from multitune.tasks.spec import TaskSpec
 
 # Rows of (prompt, prediction, gold) kept per task in the results as "samples", for the W&B
 # predictions table; a handful is enough to eyeball, and eval_results.json stays small.
@@ -90,19 +92,26 @@ def _evaluate_task(
     if not examples:
         raise TaskDataError(f"task {task.spec.name!r}: the '{split}' split has no examples")
     pad_id = tokenizer.pad_token_id
-    result = {"n": len(examples), **answer_loss(model, examples, cfg.eval.batch_size, pad_id)}
     if not with_predictions:
-        return result
+        return {"n": len(examples), **answer_loss(model, examples, cfg.eval.batch_size, pad_id)}
     source = task.examples[split]
     golds = [source[e.example_index].answer for e in examples]
-    if task.spec.kind == "classification":
-        end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
-        trie = label_trie(tokenizer, task.spec.label_names, end_id)
-        predicted = constrained_labels(model, examples, trie, cfg.eval.batch_size, pad_id)
-        preds = [task.spec.label_names[predicted[e.example_index]] for e in examples]
-        labels = list(task.spec.label_names)
+    spec = task.spec
+    template_kwargs = {"date_string": cfg.data.template_date}
+    preds, loss = predict_answers(
+        model, tokenizer, spec, source, examples, cfg.eval.batch_size, template_kwargs,
+        cfg.eval.max_new_tokens,
+    )  # fmt: skip
+    # Constrained decoding reads the gold answers in its prompt pass and gives the loss too.
+    loss = loss or answer_loss(model, examples, cfg.eval.batch_size, pad_id)
+    result = {"n": len(examples), **loss}
+    result["samples"] = sample_predictions(source, examples, preds, golds)
+    if spec.kind == "multiple_choice":
+        result["answer_format"] = spec.answer_format
+    if spec.kind in ("classification", "multiple_choice"):
         result["accuracy"] = metrics.accuracy(preds, golds)
-        result["samples"] = sample_predictions(source, examples, preds, golds)
+    if spec.kind == "classification":
+        labels = list(spec.label_names)
         result["macro_f1"] = metrics.macro_f1(preds, golds, labels=labels)
         result["mcc"] = metrics.mcc(preds, golds)
         if len(labels) == 2:
@@ -112,29 +121,11 @@ def _evaluate_task(
         result["top_confused"] = metrics.top_confused_pairs(matrix, labels, k=10)
         if confusion_dir is not None:
             confusion_dir.mkdir(parents=True, exist_ok=True)
-            name = task.spec.name.replace("/", "_")
+            name = spec.name.replace("/", "_")
             metrics.save_confusion_matrix(
                 confusion_dir / f"{name}.json", matrix, labels, confusion_dir / f"{name}.png"
             )
-    elif task.spec.kind == "multiple_choice" and task.spec.answer_format == "text":
-        # Decode under each question's own constraint: only its choice texts can come out.
-        end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
-        candidates = {e.example_index: source[e.example_index].candidates for e in examples}
-        tries = {i: label_trie(tokenizer, texts, end_id) for i, texts in candidates.items()}
-        predicted = constrained_labels(model, examples, tries, cfg.eval.batch_size, pad_id)
-        preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
-        result["answer_format"] = "text"
-        result["accuracy"] = metrics.accuracy(preds, golds)
-        result["samples"] = sample_predictions(source, examples, preds, golds)
-    elif task.spec.kind == "multiple_choice":
-        candidates = {e.example_index: source[e.example_index].candidates for e in examples}
-        predicted = choice_letters(
-            model, examples, candidates, tokenizer, cfg.eval.batch_size, pad_id
-        )
-        preds = [candidates[e.example_index][predicted[e.example_index]] for e in examples]
-        result["answer_format"] = "letter"
-        result["accuracy"] = metrics.accuracy(preds, golds)
-        result["samples"] = sample_predictions(source, examples, preds, golds)
+    elif spec.kind == "multiple_choice" and spec.answer_format == "letter":
         # The same question answered by the choice texts themselves, each scored by its mean
         # token log-prob, in case the model knows the answer but not which letter it has.
         texts = {e.example_index: source[e.example_index].choice_texts for e in examples}
@@ -142,22 +133,55 @@ def _evaluate_task(
         by_text = []
         for e in examples:
             choice_scores = scores[e.example_index]
-            by_text.append(candidates[e.example_index][choice_scores.index(max(choice_scores))])
+            letters = source[e.example_index].candidates
+            by_text.append(letters[choice_scores.index(max(choice_scores))])
         result["text_accuracy"] = metrics.accuracy(by_text, golds)
-    else:
-        end_id = end_of_turn_id(tokenizer, {"date_string": cfg.data.template_date})
-        texts = greedy_generate(
-            model, examples, tokenizer, end_id, cfg.eval.batch_size, cfg.eval.max_new_tokens
-        )
-        hyps = [texts[e.example_index] for e in examples]
-        result["samples"] = sample_predictions(source, examples, hyps, golds)
-        result["bleu"] = metrics.bleu(hyps, golds)
-        result["chrf"] = metrics.chrf(hyps, golds)
-        result["rouge_l"] = metrics.rouge_l(hyps, golds)
-        if task.spec.kind == "qa":
-            result["exact_match"] = metrics.exact_match(hyps, golds)
-            result["token_f1"] = metrics.token_f1(hyps, golds)
+    elif spec.kind in ("chat", "qa"):
+        result["bleu"] = metrics.bleu(preds, golds)
+        result["chrf"] = metrics.chrf(preds, golds)
+        result["rouge_l"] = metrics.rouge_l(preds, golds)
+        if spec.kind == "qa":
+            result["exact_match"] = metrics.exact_match(preds, golds)
+            result["token_f1"] = metrics.token_f1(preds, golds)
     return result
+
+
+def predict_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    source: list[Example],
+    examples: list[TokenizedExample],
+    batch_size: int,
+    template_kwargs: dict,
+    max_new_tokens: int,
+) -> tuple[list[str], dict[str, float] | None]:
+    """One predicted answer per tokenized example, as evaluation and ``predict`` score it, and
+    the gold answers' loss/perplexity where the same pass computed them (else None).
+
+    Classification: greedy decoding constrained to the label set. Multiple choice: the best
+    letter in one forward pass (``answer_format: letter``), or decoding constrained to that
+    question's own choice texts (``text``). Chat and QA: greedy generation.
+    """
+    pad_id = tokenizer.pad_token_id
+    candidates = [source[e.example_index].candidates for e in examples]
+    if spec.kind == "multiple_choice" and spec.answer_format == "letter":
+        by_index = {e.example_index: c for e, c in zip(examples, candidates)}
+        picked = choice_letters(model, examples, by_index, tokenizer, batch_size, pad_id)
+        return [c[picked[e.example_index]] for e, c in zip(examples, candidates)], None
+    end_id = end_of_turn_id(tokenizer, template_kwargs)
+    if spec.kind == "classification":
+        trie = label_trie(tokenizer, spec.label_names, end_id)
+        picked, loss = constrained_labels(model, examples, trie, batch_size, pad_id)
+        return [spec.label_names[picked[e.example_index]] for e in examples], loss
+    if spec.kind == "multiple_choice":
+        tries = {
+            e.example_index: label_trie(tokenizer, c, end_id) for e, c in zip(examples, candidates)
+        }
+        picked, loss = constrained_labels(model, examples, tries, batch_size, pad_id)
+        return [c[picked[e.example_index]] for e, c in zip(examples, candidates)], loss
+    texts = greedy_generate(model, examples, tokenizer, end_id, batch_size, max_new_tokens)
+    return [texts[e.example_index] for e in examples], None
 
 
 def sample_predictions(source, examples, preds: list[str], golds: list[str]) -> list[dict]:

@@ -65,19 +65,51 @@ def label_trie(
     return LabelTrie.from_token_sequences(sequences, end_id, label_names=list(names))
 
 
-def _prompt_forward(model, prompts: list[list[int]], pad_id: int, device, use_cache=True):
+def _prompt_and_gold_forward(model, batch: list[TokenizedExample], pad_id: int, device):
+    """One forward over every example's prompt (left-padded) followed by its gold answer
+    (right-padded): the answer tokens' summed loss, and the next-token logits and KV cache at
+    the prompt's end, where decoding starts.
+
+    Left padding puts every prompt's last token in the same column P - 1, so cropping the cache
+    to P columns leaves exactly the prompts' keys and values: the answer columns come after, and
+    causal attention kept them out of every prompt position.
+    """
+    decoder, head = decoder_and_head(model)
+    prompts = [e.input_ids[: e.prompt_length] for e in batch]
     ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    # Left padding: positions count real tokens only, as they did in training.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
+    width = max(len(e.input_ids) - e.prompt_length for e in batch)
+    answer_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), ids.shape[1] + width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(batch):
+        answer = example.input_ids[example.prompt_length :]
+        answer_ids[row, : len(answer)] = torch.tensor(answer)
+        answer_mask[row, : len(answer)] = 1
+        start = ids.shape[1] - example.prompt_length
+        labels[row, start : start + len(example.labels)] = torch.tensor(example.labels)
+    full_mask = torch.cat([mask, answer_mask], dim=1).to(device)
+    # Positions count real tokens only, as they did in training.
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(
+        input_ids=torch.cat([ids, answer_ids], dim=1).to(device),
+        attention_mask=full_mask,
         position_ids=positions,
-        use_cache=use_cache,
-        logits_to_keep=1,  # only the next-token distribution is read: no [B, T, vocab] logits
+        use_cache=True,
     )
-    return out, mask, positions
+    hidden, cache = out.last_hidden_state, out.past_key_values
+    targets = next_token_targets(labels).to(device)
+    loss_sum = token_losses(hidden, head, targets).sum()
+    prompt_width = ids.shape[1]
+    logits = head(hidden[:, prompt_width - 1])
+    cache.crop(-width)  # transformers 5: a negative count of trailing columns to drop
+    return (
+        logits,
+        cache,
+        full_mask[:, :prompt_width],
+        positions[:, :prompt_width],
+        loss_sum,
+        int((targets != IGNORE_INDEX).sum()),
+    )
 
 
 @torch.no_grad()
@@ -87,30 +119,38 @@ def constrained_labels(
     trie: LabelTrie | dict[int, LabelTrie],
     batch_size: int,
     pad_id: int,
-) -> dict[int, int]:
-    """Greedy decoding restricted to the label set; returns example index -> label index.
+) -> tuple[dict[int, int], dict[str, float]]:
+    """Greedy decoding restricted to the label set: (example index -> label index, the gold
+    answers' mean loss and perplexity, as ``answer_loss`` gives them).
 
     A prefix trie over the labels' token sequences (each ended by the end-of-turn token) masks
     every other token at each step, so even an untrained model can only produce a valid label.
     ``trie`` is one trie for all examples (classification), or example index -> its own trie
     (a multiple-choice question's choice texts). Decoding runs batched with the KV cache over
-    left-padded prompts.
+    left-padded prompts. The forward pass that reads the prompts also reads the gold answers
+    behind them, so the answer loss costs no pass of its own.
     """
     device = next(model.parameters()).device
-    predictions = {}
+    predictions, loss_sum, loss_tokens = {}, 0.0, 0
     for batch in by_length(examples, batch_size):
         tries = [trie if isinstance(trie, LabelTrie) else trie[e.example_index] for e in batch]
         end_id = tries[0].end_token_id
-        prompts = [e.input_ids[: e.prompt_length] for e in batch]
-        out, mask, positions = _prompt_forward(model, prompts, pad_id, device)
-        cache, generated = out.past_key_values, [[] for _ in batch]
-        logits = out.logits[:, -1, :]
+        logits, cache, mask, positions, batch_loss, batch_tokens = _prompt_and_gold_forward(
+            model, batch, pad_id, device
+        )
+        loss_sum, loss_tokens = loss_sum + batch_loss.item(), loss_tokens + batch_tokens
+        generated = [[] for _ in batch]
         for _ in range(max(t.max_sequence_length for t in tries)):
             step = constrained_greedy_step(logits.float(), generated, tries)
             for row, token in enumerate(step.tolist()):
                 if not generated[row] or generated[row][-1] != end_id:
                     generated[row].append(token)
-            if all(g[-1] == end_id for g in generated):
+            # Once every row can only become one label (usually after its first token), the
+            # rest is forced: finish without another forward pass.
+            rests = [t.forced_completion(g) for t, g in zip(tries, generated)]
+            if all(rest is not None for rest in rests):
+                for sequence, rest in zip(generated, rests):
+                    sequence += rest
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
@@ -124,7 +164,8 @@ def constrained_labels(
             cache, logits = out.past_key_values, out.logits[:, -1, :]
         for example, sequence, row_trie in zip(batch, generated, tries):
             predictions[example.example_index] = row_trie.label_index(sequence)
-    return predictions
+    loss = loss_sum / loss_tokens
+    return predictions, {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()

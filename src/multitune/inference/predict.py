@@ -22,13 +22,8 @@ import datasets
 
 from multitune.config import TaskConfig, validate_config
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, render_chat, tokenize_example
-from multitune.evaluation.scoring import (
-    choice_letters,
-    constrained_labels,
-    end_of_turn_id,
-    greedy_generate,
-    label_trie,
-)
+from multitune.evaluation.runner import predict_answers
+from multitune.evaluation.scoring import end_of_turn_id, greedy_generate
 from multitune.inference.loading import InferenceError, LoadedModel
 from multitune.tasks import KINDS
 
@@ -131,21 +126,10 @@ def predict_task_rows(
         if isinstance(result, str):
             raise InferenceError(f"--task {name}: row {i} cannot be used ({result})")
         tokenized.append(result)
-    tokenizer, model = loaded.tokenizer, loaded.model
-    pad_id = tokenizer.pad_token_id
-    if spec.kind == "classification":
-        end_id = end_of_turn_id(tokenizer, loaded.template_kwargs)
-        trie = label_trie(tokenizer, spec.label_names, end_id)
-        picked = constrained_labels(model, tokenized, trie, batch_size, pad_id)
-        preds = [spec.label_names[picked[i]] for i in range(len(examples))]
-    elif spec.kind == "multiple_choice":
-        candidates = {i: e.candidates for i, e in enumerate(examples)}
-        picked = choice_letters(model, tokenized, candidates, tokenizer, batch_size, pad_id)
-        preds = [candidates[i][picked[i]] for i in range(len(examples))]
-    else:
-        end_id = end_of_turn_id(tokenizer, loaded.template_kwargs)
-        texts = greedy_generate(model, tokenized, tokenizer, end_id, batch_size, max_new_tokens)
-        preds = [texts[i] for i in range(len(examples))]
+    preds, _ = predict_answers(
+        loaded.model, loaded.tokenizer, spec, examples, tokenized, batch_size,
+        loaded.template_kwargs, max_new_tokens,
+    )  # fmt: skip
     return preds, [e.answer for e in examples]
 
 
