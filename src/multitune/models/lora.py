@@ -35,6 +35,21 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return get_peft_model(model, peft_config)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout module's probability to 0 (LoRA dropout included); returns how many.
+
+    For preference training: the reference log-probs are scored once in eval mode (no dropout),
+    so a policy trained with dropout on would score the same answers differently and the
+    implicit reward would not start at 0 (TRL's DPOTrainer disables dropout for this reason).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            count += 1
+    return count
+
+
 def linear_module_names(model: torch.nn.Module) -> set[str]:
     return {
         name.rsplit(".", 1)[-1]

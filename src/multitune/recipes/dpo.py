@@ -52,6 +52,7 @@ from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
 from multitune.models.loading import load_model_and_tokenizer
+from multitune.models.lora import disable_dropout
 from multitune.recipes.sft import (
     RESUME_FREE_TRAIN_KEYS,
     TrainingData,
@@ -137,7 +138,7 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
             cfg.model, training_corpus(tasks), cfg.seed, device, saved_base=saved_base
         )
     tokenize_tasks(tasks, tokenizer, cfg)
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    model = load_policy(model, adapter)
     if ctx.initialized:
         base_bytes = frozen_bytes(model)  # before the tie is separated below
     separate_tied_frozen_parameters(model)
@@ -242,6 +243,21 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
         stage_dir,
     )
     return results
+
+
+def load_policy(model, adapter: Path) -> PeftModel:
+    """The trainable policy: ``adapter`` on ``model``, with every dropout off.
+
+    The cached reference log-probs come from the same adapter in eval mode; with LoRA dropout on
+    during training the policy would score the same pair differently from its reference, and
+    the implicit reward and margin would not be 0 at step 0 (TRL turns dropout off for DPO by
+    default for the same reason). The adapter config keeps its ``lora_dropout`` for SFT.
+    """
+    policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    disabled = disable_dropout(policy)
+    if disabled:
+        log.info("dpo: dropout off in %d modules (policy and reference score alike)", disabled)
+    return policy
 
 
 def build_pairs(model, tokenizer, tasks, cfg: RunConfig) -> dict[str, list]:

@@ -94,8 +94,17 @@ def dpo_window_step(
         num_input_tokens += sum(len(e.input_ids) for e in examples)
         n = len(pairs)
         ref = reference[torch.tensor([p.index for p in pairs], device=device)]
+        lengths = torch.tensor([e.num_answer_tokens for e in examples], device=device)
         out = preference_loss(
-            logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing
+            logps[:n],
+            logps[n:],
+            ref[:, 0],
+            ref[:, 1],
+            cfg.beta,
+            cfg.loss,
+            cfg.label_smoothing,
+            chosen_tokens=lengths[:n],
+            rejected_tokens=lengths[n:],
         )
         loss = out.losses.sum() / window_pairs
         nll = -logps[:n].sum()
