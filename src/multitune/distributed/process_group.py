@@ -43,6 +43,23 @@ class DistContext:
         return max(1, self.world_size // self.local_world_size)
 
 
+def one_process_or(ctx: DistContext | None, device=None) -> DistContext:
+    """``ctx``, or the one-process context when there is no process group.
+
+    Without a context a function would divide by world size 1 while the strategy sums the
+    gradients of every rank, a silently wrong run; so a missing context is an error once a
+    process group exists (pass the one ``init_distributed`` returned).
+    """
+    if ctx is not None:
+        return ctx
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError(
+            f"a process group of {dist.get_world_size()} processes is initialised but no "
+            "DistContext was given; pass the one init_distributed returned"
+        )
+    return DistContext(device=torch.device("cpu") if device is None else device)
+
+
 def launched_by_torchrun(env=os.environ) -> bool:
     return all(name in env for name in TORCHRUN_VARS)
 

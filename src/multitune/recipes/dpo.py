@@ -40,6 +40,7 @@ from multitune.distributed.process_group import (
     destroy_distributed,
     init_distributed,
     local_rank_zero_first,
+    one_process_or,
     sum_over_ranks,
 )
 from multitune.distributed.strategy import (
@@ -321,7 +322,7 @@ def compute_reference_logprobs(
     process, so the same padding and the same figures), every rank running as many forwards
     (a rank out of batches repeats the first and drops the result); the table is summed over ranks.
     """
-    ctx = ctx or DistContext()
+    ctx = one_process_or(ctx)
     device = next(model.parameters()).device
     out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     was_training = model.training
@@ -359,7 +360,7 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """The cached reference table when its fingerprint matches (on every rank), else computed
     and cached (written by rank 0)."""
-    ctx = ctx or DistContext()
+    ctx = one_process_or(ctx)
     fingerprint = {"pairs": pairs_fingerprint(pairs), "adapter": adapter_fingerprint(adapter)}
     saved = torch.load(cache, weights_only=True) if cache.is_file() else {}
     reusable = saved.get("fingerprint") == fingerprint
@@ -411,7 +412,7 @@ def dpo_training_data(
     fixed,
     ctx: DistContext | None = None,
 ) -> TrainingData:
-    ctx = ctx or DistContext(device=device)
+    ctx = one_process_or(ctx, device)
 
     def epoch_items(epoch: int) -> list:
         order = list(range(len(pairs)))

@@ -54,6 +54,7 @@ from multitune.distributed.process_group import (
     destroy_distributed,
     init_distributed,
     local_rank_zero_first,
+    one_process_or,
 )
 from multitune.distributed.strategy import (
     apply_strategy,
@@ -311,7 +312,7 @@ def train_loop(
     and keeps OUTPUT_DIR/best/ (None: no evaluation during training). ``data`` is the stage's
     items and window step (default: SFT on the tasks' training examples).
     """
-    ctx = ctx or DistContext(device=device)
+    ctx = one_process_or(ctx, device)
     data = data or sft_training_data(model, tokenizer, tasks, cfg, device, ctx)
     plan = plan_batches(cfg.train, data.num_examples, ctx.world_size)
     log.info("batch plan: %s", plan.describe())
