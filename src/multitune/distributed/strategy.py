@@ -112,6 +112,19 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
     return mesh
 
 
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Reduce gradients over ranks at the end of this backward (``enabled``) or keep them local.
+
+    Accumulation turns it off for every micro-batch but the window's last: FSDP2 then sums the
+    unsharded gradients locally and reduces once per optimizer step (one reduce-scatter, and
+    under hsdp/ddp one all-reduce, per group) instead of once per micro-batch. The sum is the
+    same; only the number of collectives changes. A model without FSDP groups is left alone.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+
+
 def check_packed_weights(model: torch.nn.Module, policy: MixedPrecisionPolicy) -> None:
     """Refuse 4-bit weights packed in a float dtype the policy would cast: FSDP2 casts every
     floating-point parameter to ``param_dtype`` after the all-gather, which would scramble the
