@@ -127,7 +127,7 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     stage_dir = out / STAGE_DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
     fixed = dpo_fixed_config(cfg, adapter)
-    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed)
+    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed, ctx)
     seed_everything(cfg.seed)
     started = time.perf_counter()
 

@@ -116,7 +116,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Before any expensive setup, so a changed config fails in a second.
-    resume_from = choose_resume_checkpoint(cfg, out)
+    resume_from = choose_resume_checkpoint(cfg, out, ctx=ctx)
     # Credentials were checked by check_preflight; W&B (rank 0) starts before any loading.
     tracker = start_tracking(cfg, out, tracker_run_id(resume_from))
     if ctx.is_main:
@@ -460,9 +460,12 @@ def resume_fixed_config(cfg: RunConfig) -> dict:
     return fixed
 
 
-def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = None) -> Path | None:
+def choose_resume_checkpoint(
+    cfg: RunConfig, out: Path, fixed: dict | None = None, ctx: DistContext | None = None
+) -> Path | None:
     """The step folder to resume from per ``cfg.resume``, checked against the current config
-    (``fixed``: the stage's fixed config, default ``resume_fixed_config(cfg)``)."""
+    (``fixed``: the stage's fixed config, default ``resume_fixed_config(cfg)``). Under torchrun
+    call it on every rank with ``ctx``."""
     root = out / "checkpoints"
     if cfg.resume == "never":
         if list_committed(root):
@@ -470,11 +473,9 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = Non
         return None
     if cfg.resume == "auto":
         path = find_resume_checkpoint(root)
-        if path is None and mirrors_checkpoints(cfg, out):
-            from multitune.hub.push import download_latest_checkpoint
-
-            if download_latest_checkpoint(cfg.hub.repo, root) is not None:
-                path = find_resume_checkpoint(root)  # verifies the downloaded files
+        downloads = path is None and mirrors_checkpoints(cfg, out)
+        if downloads and download_resume_checkpoint(cfg.hub.repo, root, one_process_or(ctx)):
+            path = find_resume_checkpoint(root)  # verifies the downloaded files
     else:
         path = Path(cfg.resume)
         problems = verify_checkpoint(path)
@@ -485,6 +486,30 @@ def choose_resume_checkpoint(cfg: RunConfig, out: Path, fixed: dict | None = Non
     if path is not None:
         check_resume_config(path, cfg, fixed)
     return path
+
+
+def download_resume_checkpoint(repo: str, root: Path, ctx: DistContext) -> bool:
+    """Download the Hub's newest checkpoint into ``root`` once per node; True when there was one.
+
+    Local rank 0 downloads (into a temporary folder, verified, then renamed to ``step-N``) while
+    the node's other ranks wait: every rank downloading into the same ``step-N`` would race on
+    the same files. The all-reduce that ends the wait also carries rank 0's outcome, so a failed
+    download stops every rank instead of leaving them waiting until the timeout.
+    """
+    from multitune.hub.push import download_latest_checkpoint
+
+    found, error = False, None
+    if ctx.local_rank == 0:
+        try:
+            found = download_latest_checkpoint(repo, root) is not None
+        except Exception as exc:  # raised below, once the other ranks know
+            error = exc
+    failed, found = any_rank(ctx, error is not None, found)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"resume from hub.repo {repo}: the download failed on another rank")
+    return found
 
 
 def publish_run(cfg: RunConfig, out: Path) -> None:
