@@ -140,3 +140,23 @@ def sum_over_ranks(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     if ctx.initialized:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def all_ranks_done(done: bool, device) -> bool:
+    """True once ``done`` is true on every rank of the process group (``done`` itself without
+    one): a decode loop over sharded layers stops when the last rank is done, since every rank
+    must run the same forwards (``device``: where the flag's collective runs)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return done
+    flag = torch.tensor([int(done)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def most_over_ranks(count: int, device) -> int:
+    """The largest ``count`` over the ranks of the process group (``count`` without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    value = torch.tensor([count], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())

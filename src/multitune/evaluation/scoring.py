@@ -6,10 +6,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from multitune.data.batching import collate, left_pad
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
+from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
@@ -22,6 +24,18 @@ def by_length(
     ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
     for start in range(0, len(ordered), batch_size):
         yield ordered[start : start + batch_size]
+
+
+def lockstep_batches(
+    examples: list[TokenizedExample], batch_size: int, device
+) -> list[list[TokenizedExample] | None]:
+    """``by_length`` batches, padded with None up to the most any rank has.
+
+    Sharded layers all-gather in every forward, so every rank must run as many; a rank given
+    fewer examples runs a throwaway forward for each None. In one process: the batches.
+    """
+    batches = list(by_length(examples, batch_size))
+    return batches + [None] * (most_over_ranks(len(batches), device) - len(batches))
 
 
 @torch.no_grad()
@@ -96,17 +110,24 @@ def constrained_labels(
     """
     device = next(model.parameters()).device
     predictions = {}
-    for batch in by_length(examples, batch_size):
-        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+    for batch in lockstep_batches(examples, batch_size, device):
+        # A throwaway one-token prompt keeps a rank without examples in step with the others.
+        prompts = [[pad_id]] if batch is None else [e.input_ids[: e.prompt_length] for e in batch]
         out, mask, positions = _prompt_forward(model, prompts, pad_id, device)
-        cache, generated = out.past_key_values, [[] for _ in batch]
+        cache, generated = out.past_key_values, [[] for _ in prompts]
         logits = out.logits[:, -1, :]
-        for _ in range(trie.max_sequence_length):
+        while True:
             step = constrained_greedy_step(logits.float(), generated, trie)
             for row, token in enumerate(step.tolist()):
-                if not generated[row] or generated[row][-1] != trie.end_token_id:
+                ended = generated[row] and generated[row][-1] == trie.end_token_id
+                if not ended and len(generated[row]) < trie.max_sequence_length:
                     generated[row].append(token)
-            if all(g[-1] == trie.end_token_id for g in generated):
+            done = all(
+                g[-1] == trie.end_token_id or len(g) >= trie.max_sequence_length for g in generated
+            )
+            # Every rank decodes until the last one is done (its labels may be longer): a rank
+            # that stopped early would leave the others' all-gathers without a partner.
+            if all_ranks_done(done, device):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
@@ -118,7 +139,7 @@ def constrained_labels(
                 use_cache=True,
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
-        for example, sequence in zip(batch, generated):
+        for example, sequence in zip(batch or [], generated):
             predictions[example.example_index] = trie.label_index(sequence)
     return predictions
 
@@ -258,8 +279,9 @@ def greedy_generate(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     texts = {}
-    for batch in by_length(examples, batch_size):
-        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+    for batch in lockstep_batches(examples, batch_size, device):
+        prompts = [[pad_id]] if batch is None else [e.input_ids[: e.prompt_length] for e in batch]
+        ids, mask = left_pad(prompts, pad_id)
         output = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -267,8 +289,11 @@ def greedy_generate(
             do_sample=False,
             eos_token_id=end_id,
             pad_token_id=pad_id,
+            # Under a process group a rank whose rows all ended keeps running forwards until
+            # every rank's have (sharded layers all-gather in each one).
+            synced_gpus=dist.is_available() and dist.is_initialized(),
         )
-        for example, row in zip(batch, output[:, ids.shape[1] :].tolist()):
+        for example, row in zip(batch or [], output[:, ids.shape[1] :].tolist()):
             if end_id in row:
                 row = row[: row.index(end_id)]
             texts[example.example_index] = tokenizer.decode(row, skip_special_tokens=True).strip()
