@@ -112,6 +112,27 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
     return mesh
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP group back in its sharded state (no-op for a model without groups).
+
+    The embedding/head group and the root keep their whole tensors after a forward until the
+    next backward (``reshard_after_forward`` off, see ``apply_strategy``); after an evaluation
+    (no backward), ``model.parameters()`` would hand an optimizer or a checkpoint those whole
+    tensors instead of the sharded ones. FSDP2's ``reshard()`` does nothing for such a group
+    after a forward, so each group is switched to resharding for the call and back.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        return
+    for module in modules:
+        module.set_reshard_after_forward(True, recurse=False)
+        module.reshard()
+    decoder, head = decoder_and_head(model)
+    for module in (decoder, decoder.get_input_embeddings(), head):
+        if isinstance(module, FSDPModule):
+            module.set_reshard_after_forward(False, recurse=False)
+
+
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
     """Reduce gradients over ranks at the end of this backward (``enabled``) or keep them local.
 

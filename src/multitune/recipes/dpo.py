@@ -53,7 +53,7 @@ from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
 from multitune.models.loading import load_model_and_tokenizer
-from multitune.models.lora import disable_dropout
+from multitune.models.lora import adapters_disabled, disable_dropout
 from multitune.recipes.sft import (
     RESUME_FREE_TRAIN_KEYS,
     TrainingData,
@@ -397,7 +397,7 @@ def starting_results(model, tokenizer, tasks, cfg: RunConfig, adapter: Path) -> 
     """`multitune dpo` alone: evaluate the starting adapter (and the base) for the table."""
     results = {"adapter": str(adapter)}
     if cfg.eval.before_training:
-        with model.disable_adapter():
+        with adapters_disabled(model):
             results["base"] = {"tasks": evaluate_tasks(model, tokenizer, tasks, cfg)}
     results["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg)
     return results

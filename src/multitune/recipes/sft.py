@@ -61,13 +61,14 @@ from multitune.distributed.strategy import (
     choose_strategy,
     frozen_bytes,
     full_trainable_state,
+    reshard,
 )
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.validation import TrainingEvaluation
 from multitune.hub.card import write_model_card
 from multitune.models.loading import load_model_and_tokenizer
-from multitune.models.lora import apply_lora, count_parameters
+from multitune.models.lora import adapters_disabled, apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight.registry import check_preflight
 from multitune.tracking.plots import write_plots
@@ -183,7 +184,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     # all-gather in each forward, so all ranks must run the same forwards); rank 0 writes.
     base_results = None
     if cfg.eval.before_training:
-        with model.disable_adapter():
+        with adapters_disabled(model):
             base_results = evaluate_tasks(model, tokenizer, tasks, cfg, split="validation")
 
     with stop_signals_caught() as stop_requests:
@@ -316,6 +317,7 @@ def train_loop(
     data = data or sft_training_data(model, tokenizer, tasks, cfg, device, ctx)
     plan = plan_batches(cfg.train, data.num_examples, ctx.world_size)
     log.info("batch plan: %s", plan.describe())
+    reshard(model)  # an evaluation before the loop may have left a group's whole tensors
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     step, first_epoch, first_position = 0, 0, 0
