@@ -35,14 +35,12 @@ NEW_TOKENS = [2, 7]
 
 
 def model_for_evaluation(tokenizer):
-    """The tiny model with a fresh LoRA adapter, as a run evaluates it (frozen tie separated)."""
+    """The tiny model with a fresh LoRA adapter, as a run evaluates it."""
     from multitune.models.lora import apply_lora
     from multitune.models.tiny import build_tiny_model
-    from multitune.recipes.sft import separate_tied_frozen_parameters
 
     model = build_tiny_model(TinyModelConfig(size="nano"), tokenizer, seed=3)
     model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
-    separate_tied_frozen_parameters(model)
     return model.eval()
 
 

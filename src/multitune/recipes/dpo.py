@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 
-from multitune.config.schema import RunConfig, check_quantization_for_sharding
+from multitune.config.schema import RunConfig
 from multitune.data import preference
 from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
 from multitune.distributed.process_group import (
@@ -43,12 +43,7 @@ from multitune.distributed.process_group import (
     one_process_or,
     sum_over_ranks,
 )
-from multitune.distributed.strategy import (
-    apply_strategy,
-    choose_strategy,
-    frozen_bytes,
-    full_trainable_state,
-)
+from multitune.distributed.strategy import distribute, full_trainable_state
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
@@ -60,7 +55,6 @@ from multitune.recipes.sft import (
     choose_resume_checkpoint,
     resume_fixed_config,
     save_adapter,
-    separate_tied_frozen_parameters,
     stop_signals_caught,
     train_loop,
 )
@@ -141,14 +135,7 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     tokenize_tasks(tasks, tokenizer, cfg)
     model = load_policy(model, adapter)
     if ctx.initialized:
-        base_bytes = frozen_bytes(model)  # before the tie is separated below
-    separate_tied_frozen_parameters(model)
-    if ctx.initialized:
-        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
-        log.info("distributed strategy %s (%s)", strategy, why)
-        if strategy in ("fsdp", "hsdp"):
-            check_quantization_for_sharding(cfg.model)
-        apply_strategy(model, strategy, ctx)
+        distribute(model, cfg.distributed, cfg.model, ctx)
 
     # Every rank scores the same examples in lockstep (sharded layers all-gather in each
     # forward); rank 0's pairs are then everyone's, so no rounding difference can split them.

@@ -38,7 +38,7 @@ from multitune.checkpoint import (
 from multitune.checkpoint.layout import TRAIN_STATE_FILE
 from multitune.checkpoint.ranks import rank_and_world_size
 from multitune.config.loader import dump_config
-from multitune.config.schema import RunConfig, check_quantization_for_sharding
+from multitune.config.schema import RunConfig
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.packing import micro_batch
 from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
@@ -56,13 +56,7 @@ from multitune.distributed.process_group import (
     local_rank_zero_first,
     one_process_or,
 )
-from multitune.distributed.strategy import (
-    apply_strategy,
-    choose_strategy,
-    frozen_bytes,
-    full_trainable_state,
-    reshard,
-)
+from multitune.distributed.strategy import distribute, full_trainable_state, reshard
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.validation import TrainingEvaluation
@@ -165,18 +159,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     )
 
     if ctx.initialized:
-        base_bytes = frozen_bytes(model)  # before the tie is separated below
-    separate_tied_frozen_parameters(model)  # after counting: a tie still holds one tensor
-    if ctx.initialized:
-        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
-        log.info("distributed strategy %s (%s)", strategy, why)
-        if strategy in ("fsdp", "hsdp"):
-            check_quantization_for_sharding(cfg.model)
-        mesh = apply_strategy(model, strategy, ctx)
-        log.info(
-            "device mesh: %s",
-            " x ".join(f"{n} {k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape)),
-        )
+        distribute(model, cfg.distributed, cfg.model, ctx)
         # Own dropout draws per rank from here on (a checkpoint saves every rank's RNG).
         seed_everything(cfg.seed + ctx.rank)
 
@@ -415,26 +398,6 @@ def train_loop(
     finally:
         if tracker is None:
             logger.finish()
-
-
-def separate_tied_frozen_parameters(model) -> None:
-    """Give each further name of a frozen tied Parameter its own Parameter over the same storage.
-
-    Workaround for the checkpointer: torch's ``get_state_dict(ignore_frozen_params=True)`` drops
-    frozen tensors by walking ``named_parameters()``, which skips the second name of a tied
-    Parameter, so a tied ``lm_head.weight`` stayed in the state dict and the checkpointer refused
-    to commit (one tensor more than the trainable ones). A separate Parameter object sharing the
-    storage is seen and dropped; memory and numerics are unchanged. Remove once the checkpointer
-    filters by ``named_parameters(remove_duplicate=False)``.
-    """
-    seen = set()
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad:
-                continue
-            if id(param) in seen:
-                setattr(module, name, torch.nn.Parameter(param.detach(), requires_grad=False))
-            seen.add(id(param))
 
 
 def _log_train_record(logger, window, advance, step, plan, epoch, scheduler, tasks) -> None:
