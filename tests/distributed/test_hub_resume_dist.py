@@ -31,7 +31,7 @@ def _worker(rank: int, port: int, root: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
-        from multitune.recipes.sft import download_resume_checkpoint
+        from multitune.training.loop import download_resume_checkpoint
 
         ctx = DistContext(rank, WORLD_SIZE, rank, WORLD_SIZE, torch.device("cpu"), True)
         found = download_resume_checkpoint(REPO_ID, root, ctx)

@@ -99,10 +99,11 @@ def gloo_group(tmp_path):
 def test_train_loop_without_a_context_under_a_process_group_is_an_error(gloo_group, small_config):
     # Without the context the loop would divide by the tokens of world size 1 while the strategy
     # sums every rank's gradient: refused before anything runs.
-    from multitune.recipes import dpo, sft
+    from multitune.recipes import dpo
+    from multitune.training import loop
 
     with pytest.raises(RuntimeError, match="no DistContext was given"):
-        sft.train_loop(None, None, [], small_config, small_config.output_dir, torch.device("cpu"))
+        loop.train_loop(None, None, [], small_config, small_config.output_dir, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="no DistContext was given"):
         dpo.compute_reference_logprobs(None, [], pad_id=0, batch_size=1)
 

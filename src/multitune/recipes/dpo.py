@@ -1,10 +1,10 @@
-"""DPO after SFT: pairs -> reference log-probs (once, cached) -> the SFT loop -> evaluate -> save.
+"""DPO after SFT: pairs -> reference log-probs (cached) -> the engine loop -> evaluate -> save.
 
 Starts from an SFT adapter (OUTPUT_DIR/adapter after ``stages: [sft, dpo]``, or
 ``multitune dpo CONFIG --adapter PATH``) and trains it further with ``dpo.train``'s settings.
-The loop is ``sft.train_loop`` itself, fed the pairs and the DPO window step, so checkpointing,
-resume, stop signals and logging are the SFT ones. No reference model is held in memory: the
-starting policy's log-probs of every training pair are computed once, before training, and
+The loop is the engine's ``training.loop.train_loop``, fed the pairs and the DPO window step, so
+checkpointing, resume, stop signals and logging are the SFT ones. No reference model is held in
+memory: the starting policy's log-probs of every training pair are computed once, before training, and
 cached on disk under a fingerprint of the tokenized pairs and the starting adapter's files.
 
 Under torchrun every process runs this function, distributed as SFT is (``distributed.strategy``,
@@ -49,7 +49,14 @@ from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
 from multitune.models.loading import load_model_and_tokenizer
 from multitune.models.lora import adapters_disabled, disable_dropout
-from multitune.recipes.sft import (
+from multitune.training.dpo_step import (
+    DpoStepResult,
+    FillerPairs,
+    TokenizedPair,
+    dpo_window_step,
+    sequence_logprobs,
+)
+from multitune.training.loop import (
     RESUME_FREE_TRAIN_KEYS,
     TrainingData,
     choose_resume_checkpoint,
@@ -57,13 +64,6 @@ from multitune.recipes.sft import (
     save_adapter,
     stop_signals_caught,
     train_loop,
-)
-from multitune.training.dpo_step import (
-    DpoStepResult,
-    FillerPairs,
-    TokenizedPair,
-    dpo_window_step,
-    sequence_logprobs,
 )
 from multitune.training.state import seed_everything
 
