@@ -1,14 +1,19 @@
 // Memory rule: only labelled positions reach the vocabulary projection, and they do so
 // chunk_size rows at a time, so the extra memory is O(chunk_size x V), never O(N x V).
-// Backward recomputes each chunk's logits instead of saving them.
+// Backward recomputes each chunk's logits instead of saving them. A bf16/fp16 weight is cast
+// to float32 kVocabSlice rows at a time, never whole (a whole copy of Llama 3.2 1B's head is
+// 1.05 GB, twice one chunk's logits).
 // Per-operator headers instead of <ATen/ATen.h> roughly halve this file's compile time.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "linear_logprob_kernel.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/nonzero_static.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 
@@ -45,11 +50,33 @@ void check_inputs(const char* op_name, const at::Tensor& hidden, const at::Tenso
                     chunk_size);
 }
 
-// Indices of positions whose target is not ignore_index. This syncs with the device once
-// (the chunk count depends on it); the range check rides on the same sync and turns a
-// CUDA device-side assert into a readable error.
+// Vocabulary rows of a low-precision weight cast to the compute dtype at a time: the cast slice
+// (kVocabSlice x H) and its [chunk, kVocabSlice] product are the only buffers besides the
+// chunk's logits (32 MB and 16 MB at H = 2048 and chunk 1024, against 525 MB of logits at
+// V = 128256), and the matmuls stay large enough to run at full speed on a GPU.
+constexpr int64_t kVocabSlice = 4096;
+
+// Indices of positions whose target is not ignore_index. With num_labelled from the caller
+// (>= 0) nothing syncs with the device: every row when num_labelled == N, else a
+// nonzero_static of that size, and the range check is an asynchronous device assert. Without
+// it (-1), the count comes from nonzero, one sync, and the range check rides on the same sync
+// and turns a CUDA device-side assert into a readable error.
 at::Tensor labelled_positions(const char* op_name, const at::Tensor& targets,
-                              int64_t ignore_index, int64_t vocab_size) {
+                              int64_t ignore_index, int64_t vocab_size, int64_t num_labelled) {
+  if (num_labelled >= 0) {
+    TORCH_CHECK_VALUE(num_labelled <= targets.size(0), op_name, ": num_labelled (",
+                      num_labelled, ") exceeds the ", targets.size(0), " targets");
+    at::Tensor positions =
+        num_labelled == targets.size(0)
+            ? at::arange(num_labelled, targets.options())
+            : at::nonzero_static(targets.ne(ignore_index), num_labelled, -1).squeeze(1);
+    at::_assert_async(targets.ne(ignore_index).sum().eq(num_labelled),
+                      "num_labelled must count the targets that are not ignore_index");
+    const at::Tensor chosen = targets.index_select(0, positions.clamp_min(0));
+    at::_assert_async(chosen.ge(0).logical_and(chosen.lt(vocab_size)).all(),
+                      "target ids must lie in [0, vocab size) or equal ignore_index");
+    return positions;
+  }
   at::Tensor positions = targets.ne(ignore_index).nonzero().squeeze(1);
   if (positions.numel() == 0) {
     return positions;
@@ -62,6 +89,38 @@ at::Tensor labelled_positions(const char* op_name, const at::Tensor& targets,
                     vocab_size, ") or equal ignore_index (", ignore_index,
                     "), got values in [", low, ", ", high, "]");
   return positions;
+}
+
+// [rows, V] logits of chunk_hidden (already in the compute dtype). A weight in that dtype is
+// used as it is; a lower-precision one is cast slice by slice into the logits buffer.
+at::Tensor project(const at::Tensor& chunk_hidden, const at::Tensor& weight) {
+  if (weight.scalar_type() == chunk_hidden.scalar_type()) {
+    return at::matmul(chunk_hidden, weight.t());
+  }
+  const int64_t vocab = weight.size(0);
+  at::Tensor logits = at::empty({chunk_hidden.size(0), vocab}, chunk_hidden.options());
+  for (int64_t start = 0; start < vocab; start += kVocabSlice) {
+    const at::Tensor slice = weight.slice(0, start, start + kVocabSlice);
+    logits.slice(1, start, start + kVocabSlice)
+        .copy_(at::matmul(chunk_hidden, slice.to(chunk_hidden.scalar_type()).t()));
+  }
+  return logits;
+}
+
+// grad_logits [rows, V] @ weight [V, H] in the compute dtype, casting the weight slice by
+// slice when it is lower precision.
+at::Tensor project_back(const at::Tensor& grad_logits, const at::Tensor& weight) {
+  if (weight.scalar_type() == grad_logits.scalar_type()) {
+    return at::matmul(grad_logits, weight);
+  }
+  const int64_t vocab = weight.size(0);
+  at::Tensor out = at::zeros({grad_logits.size(0), weight.size(1)}, grad_logits.options());
+  for (int64_t start = 0; start < vocab; start += kVocabSlice) {
+    const at::Tensor slice = weight.slice(0, start, start + kVocabSlice);
+    out.addmm_(grad_logits.slice(1, start, start + kVocabSlice),
+               slice.to(grad_logits.scalar_type()));
+  }
+  return out;
 }
 
 // Turns a [chunk, V] logits buffer into softmax probabilities in place and returns the
@@ -78,20 +137,16 @@ at::Tensor softmax_in_place(at::Tensor& logits) {
 
 at::Tensor linear_logprob_forward(const char* op_name, const at::Tensor& hidden,
                                   const at::Tensor& weight, const at::Tensor& targets,
-                                  int64_t ignore_index, int64_t chunk_size, double sign) {
+                                  int64_t ignore_index, int64_t chunk_size, int64_t num_labelled,
+                                  double sign) {
   check_inputs(op_name, hidden, weight, targets, chunk_size);
   const at::ScalarType dtype = compute_dtype(hidden, weight);
   at::Tensor out = at::zeros({hidden.size(0)}, hidden.options().dtype(dtype));
-  at::Tensor positions = labelled_positions(op_name, targets, ignore_index, weight.size(0));
-  if (positions.numel() == 0) {
-    return out;
-  }
-  // One cast of the weight per call: free for float32 weights; for bf16 it is the op's one
-  // V x H float32 copy, traded for exact float32 logits on every device.
-  const at::Tensor weight_t = weight.to(dtype).t();
+  at::Tensor positions =
+      labelled_positions(op_name, targets, ignore_index, weight.size(0), num_labelled);
   for (int64_t start = 0; start < positions.size(0); start += chunk_size) {
     const at::Tensor rows = positions.slice(0, start, start + chunk_size);
-    at::Tensor logits = at::matmul(hidden.index_select(0, rows).to(dtype), weight_t);
+    at::Tensor logits = project(hidden.index_select(0, rows).to(dtype), weight);
     const at::Tensor chunk_targets = targets.index_select(0, rows).unsqueeze(1);
     at::Tensor logprob = logits.gather(1, chunk_targets).squeeze(1);  // before the in-place pass
     logprob.sub_(softmax_in_place(logits)).mul_(sign);
@@ -103,7 +158,8 @@ at::Tensor linear_logprob_forward(const char* op_name, const at::Tensor& hidden,
 std::tuple<at::Tensor, at::Tensor> linear_logprob_backward(
     const char* op_name, const at::Tensor& grad_out, const at::Tensor& hidden,
     const at::Tensor& weight, const at::Tensor& targets, int64_t ignore_index,
-    int64_t chunk_size, double sign, bool hidden_requires_grad, bool weight_requires_grad) {
+    int64_t chunk_size, int64_t num_labelled, double sign, bool hidden_requires_grad,
+    bool weight_requires_grad) {
   check_inputs(op_name, hidden, weight, targets, chunk_size);
   TORCH_CHECK_VALUE(grad_out.dim() == 1 && grad_out.size(0) == hidden.size(0), op_name,
                     ": grad must be [N] with N = ", hidden.size(0), ", got ", grad_out.sizes());
@@ -111,19 +167,20 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_backward(
   // Ignored rows keep a zero gradient, so start from zeros and fill labelled rows only.
   at::Tensor grad_hidden = hidden_requires_grad ? at::zeros(hidden.sizes(), hidden.options())
                                                 : at::empty({0}, hidden.options());
-  // Accumulate in the compute dtype across chunks; cast to the weight dtype once at the end.
+  // A trainable weight's gradient accumulates in the compute dtype across chunks and is cast
+  // to the weight dtype once at the end (a bf16 running sum would lose small chunks).
   at::Tensor grad_weight = weight_requires_grad
                                ? at::zeros(weight.sizes(), weight.options().dtype(dtype))
                                : at::empty({0}, weight.options());
   if (!hidden_requires_grad && !weight_requires_grad) {
     return {grad_hidden, grad_weight};
   }
-  at::Tensor positions = labelled_positions(op_name, targets, ignore_index, weight.size(0));
-  const at::Tensor weight_c = weight.to(dtype);
+  at::Tensor positions =
+      labelled_positions(op_name, targets, ignore_index, weight.size(0), num_labelled);
   for (int64_t start = 0; start < positions.size(0); start += chunk_size) {
     const at::Tensor rows = positions.slice(0, start, start + chunk_size);
     const at::Tensor chunk_hidden = hidden.index_select(0, rows).to(dtype);
-    at::Tensor logits = at::matmul(chunk_hidden, weight_c.t());
+    at::Tensor logits = project(chunk_hidden, weight);
     // d(sign * logprob) / d logits = sign * (onehot(target) - softmax(logits)), built in
     // place in the logits buffer so a chunk never holds two [chunk, V] tensors.
     const at::Tensor scale = grad_out.index_select(0, rows).to(dtype).mul(sign).unsqueeze(1);
@@ -131,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_backward(
     at::Tensor& grad_logits = logits.mul_(scale.neg());
     grad_logits.scatter_add_(1, targets.index_select(0, rows).unsqueeze(1), scale);
     if (hidden_requires_grad) {
-      grad_hidden.index_copy_(0, rows, at::matmul(grad_logits, weight_c).to(hidden.scalar_type()));
+      grad_hidden.index_copy_(0, rows,
+                              project_back(grad_logits, weight).to(hidden.scalar_type()));
     }
     if (weight_requires_grad) {
       grad_weight.addmm_(grad_logits.t(), chunk_hidden);

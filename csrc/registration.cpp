@@ -3,7 +3,8 @@
 // Defaults are deliberately absent from the schemas: the Python wrappers in
 // src/multitune/ops/ own them, so there is a single source of truth for every number.
 // Backward ops return an empty tensor for a gradient that was not requested, because a
-// schema cannot return an optional tensor.
+// schema cannot return an optional tensor. num_labelled: the count of targets that are not
+// ignore_index when the caller knows it (the op then never syncs with the device), else -1.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -11,18 +12,18 @@
 TORCH_LIBRARY(multitune, m) {
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
-      "int chunk_size) -> Tensor");
+      "int chunk_size, int num_labelled) -> Tensor");
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
-      "Tensor labels, int ignore_index, int chunk_size, bool hidden_requires_grad, "
-      "bool weight_requires_grad) -> (Tensor, Tensor)");
+      "Tensor labels, int ignore_index, int chunk_size, int num_labelled, "
+      "bool hidden_requires_grad, bool weight_requires_grad) -> (Tensor, Tensor)");
   m.def(
       "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, "
-      "int chunk_size) -> Tensor");
+      "int chunk_size, int num_labelled) -> Tensor");
   m.def(
       "linear_token_logprobs_backward(Tensor grad_logprob, Tensor hidden, Tensor weight, "
-      "Tensor targets, int ignore_index, int chunk_size, bool hidden_requires_grad, "
-      "bool weight_requires_grad) -> (Tensor, Tensor)");
+      "Tensor targets, int ignore_index, int chunk_size, int num_labelled, "
+      "bool hidden_requires_grad, bool weight_requires_grad) -> (Tensor, Tensor)");
   m.def(
       "plan_packing(Tensor lengths, int capacity, int num_ranks, int seed) "
       "-> (Tensor, Tensor)");

@@ -398,36 +398,66 @@ def worker_rank(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b"RANK="))[5:])
 
 
-def test_trained_tied_embedding_shards_checkpoints_and_resumes(tmp_path):
-    # configs/demo.yaml trains embed_tokens in full (lora.modules_to_save), which the tiny model
-    # ties to the output head: one trainable tensor under two names, sharded in the
-    # embedding/head group. 2 processes (fsdp) match one process; the 2-rank checkpoint of the
+def tied_config(out: Path) -> dict:
+    """configs/demo.yaml's trained embed_tokens (lora.modules_to_save), which the tiny model ties
+    to the output head: one trainable tensor under two names. The base is evaluated first (with
+    the adapter disabled), and best/ is saved mid-run (step 3) and at the last step."""
+    data = run_config(out)
+    data["lora"]["modules_to_save"] = ["embed_tokens"]
+    data["checkpoint"] = {"every_steps": STEPS_PER_EPOCH}
+    data["eval"].update({"every_steps": STEPS_PER_EPOCH, "before_training": True})
+    return data
+
+
+@pytest.fixture(scope="module")
+def tied_reference(tmp_path_factory):
+    from multitune.recipes import sft
+
+    one = tmp_path_factory.mktemp("tied") / "one"
+    sft.run(validate_config(tied_config(one)))
+    reference = train_losses(one), adapter(one), eval_results(one)
+    assert any("embed_tokens" in name for name in reference[1])
+    return reference, best_adapter(one)
+
+
+def best_adapter(output_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    step = json.loads((output_dir / "best" / "best.json").read_text())["step"]
+    return step, load_file(output_dir / "best" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(("strategy", "agents"), [("fsdp", 1), ("ddp", 1), ("hsdp", 2)])
+def test_trained_tied_embedding_trains_saves_best_and_resumes(
+    tmp_path, tied_reference, strategy, agents
+):
+    # The tied trained embedding is sharded in the embedding/head group. 2 processes (fsdp,
+    # ddp) or 2 agents x 2 (hsdp: replicate 2 x shard 2) match one process, losses, adapter and
+    # best/ (saved at step 3 and again at step 6; the base evaluation before training used to
+    # leave the trained copy frozen on the shards: KeyError 'modules_to_save.default.weight'
+    # saving best/, and an embedding the optimizer did not step). The fsdp checkpoint of the
     # end of epoch 0, resumed by one process, ends with the same adapter.
     from multitune.recipes import sft
 
-    def config(out: Path) -> dict:
-        data = run_config(out)
-        data["lora"]["modules_to_save"] = ["embed_tokens"]
-        data["checkpoint"] = {"every_steps": STEPS_PER_EPOCH}
-        return data
-
-    one = tmp_path / "one"
-    sft.run(validate_config(config(one)))
-    reference = train_losses(one), adapter(one), eval_results(one)
-    assert any("embed_tokens" in name for name in reference[1])
-
+    reference, (best_step, best) = tied_reference
     two = tmp_path / "two"
-    path = write_config(config(two), tmp_path / "two.yaml")
-    log = tmp_path / "run.log"
-    wait(
-        [start(torchrun_argv(path, 2, port=free_port()) + ["distributed.strategy=fsdp"], log)], log
-    )
+    path = write_config(tied_config(two), tmp_path / "two.yaml")
+    log, port = tmp_path / "run.log", free_port()
+    argv = torchrun_argv(path, 2, nnodes=agents, port=port) + [f"distributed.strategy={strategy}"]
+    output = wait([start(argv, log) for _ in range(agents)], log)
+    if strategy == "hsdp":
+        assert "device mesh: replicate 2 x shard 2" in output
     assert_matches_reference(two, reference)
+    assert "new best loss = " in output and f"at step {STEPS_PER_EPOCH}: saved" in output
+    saved_step, saved = best_adapter(two)
+    assert saved_step == best_step == STEPS
+    assert saved.keys() == best.keys()
+    assert max((saved[k] - best[k]).abs().max().item() for k in saved) <= ADAPTER_ATOL
+    if strategy != "fsdp":
+        return
 
     resumed = tmp_path / "resumed"
     epoch_end = f"step-{STEPS_PER_EPOCH:08d}"
     assert read_manifest(two / "checkpoints" / epoch_end).world_size == 2
     shutil.copytree(two / "checkpoints" / epoch_end, resumed / "checkpoints" / epoch_end)
-    sft.run(validate_config(config(resumed)))
+    sft.run(validate_config(tied_config(resumed)))
     assert list(train_losses(resumed)) == list(range(STEPS_PER_EPOCH + 1, STEPS + 1))
     assert_matches_reference(resumed, reference, steps=range(STEPS_PER_EPOCH + 1, STEPS + 1))

@@ -120,10 +120,10 @@ def test_backward_op_skips_gradients_that_are_not_required(op_name):
     hidden, weight, targets = make_inputs()
     backward = getattr(torch.ops.multitune, f"{op_name}_backward")
     grad = torch.ones(hidden.shape[0], dtype=torch.float64)
-    grad_hidden, grad_weight = backward(grad, hidden, weight, targets, IGNORE, 4, True, False)
+    grad_hidden, grad_weight = backward(grad, hidden, weight, targets, IGNORE, 4, -1, True, False)
     assert grad_hidden.shape == hidden.shape
     assert grad_weight.shape == (0,)  # the [V, H] product was never computed
-    grad_hidden, grad_weight = backward(grad, hidden, weight, targets, IGNORE, 4, False, True)
+    grad_hidden, grad_weight = backward(grad, hidden, weight, targets, IGNORE, 4, -1, False, True)
     assert grad_hidden.shape == (0,)
     assert grad_weight.shape == weight.shape
 
@@ -194,11 +194,59 @@ def test_mismatched_hidden_size_raises():
 
 @pytest.mark.parametrize("op_name", ["linear_cross_entropy", "linear_token_logprobs"])
 @pytest.mark.parametrize("weight_requires_grad", [True, False])
-def test_opcheck_passes(op_name, weight_requires_grad):
+@pytest.mark.parametrize("num_labelled", [-1, 7])  # counted on the device, or given
+def test_opcheck_passes(op_name, weight_requires_grad, num_labelled):
     hidden, weight, targets = make_inputs(num_tokens=9, ignored=(0, 7))
     weight.requires_grad_(weight_requires_grad)
     op = getattr(torch.ops.multitune, op_name).default
-    torch.library.opcheck(op, (hidden, weight, targets, IGNORE, 4))
+    torch.library.opcheck(op, (hidden, weight, targets, IGNORE, 4, num_labelled))
+
+
+@op_and_reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_given_label_count_gives_the_same_values_and_grads(op, reference, dtype):
+    hidden, weight, targets = make_inputs(num_tokens=9, ignored=(0, 7))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    counted = values_and_grads(op, hidden, weight, targets, chunk_size=4)
+    given = values_and_grads(op, hidden, weight, targets, chunk_size=4, num_labelled=7)
+    torch.testing.assert_close(given, counted, rtol=0, atol=0)
+    if dtype == torch.float32:  # bf16 against the reference: test_bf16_inputs_...
+        expected = values_and_grads(reference, hidden, weight, targets)
+        torch.testing.assert_close(given, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_wrong_label_count_is_an_error():
+    hidden, weight, targets = make_inputs(num_tokens=9, ignored=(0, 7))
+    with pytest.raises(RuntimeError, match="num_labelled must count the targets"):
+        linear_cross_entropy(hidden, weight, targets, chunk_size=4, num_labelled=6)
+
+
+@pytest.mark.parametrize("all_labelled", [False, True])
+def test_a_given_label_count_never_syncs_with_the_device(all_labelled):
+    # .item() and nonzero (a size read from the device) are the op's only host syncs; with the
+    # count given, neither runs in forward or backward. Without it, both do: the probe works.
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight, targets = make_inputs(num_tokens=9, ignored=() if all_labelled else (0, 7))
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    count = 9 if all_labelled else 7
+    syncing = {"aten::nonzero", "aten::_local_scalar_dense", "aten::item"}
+
+    def under_assert(event) -> bool:
+        # _assert_async reads its flag on the host only on CPU; on a GPU it checks on the device.
+        while event is not None:
+            if event.name == "aten::_assert_async":
+                return True
+            event = event.cpu_parent
+        return False
+
+    def calls(num_labelled):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            linear_cross_entropy(hidden, weight, targets, IGNORE, 4, num_labelled).sum().backward()
+        return sorted(e.name for e in prof.events() if e.name in syncing and not under_assert(e))
+
+    assert calls(count) == []
+    assert "aten::nonzero" in calls(None)
 
 
 def test_torch_compile_full_graph_matches_eager():

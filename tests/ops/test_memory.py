@@ -84,3 +84,31 @@ def test_smaller_chunks_lower_the_peak(sparse_batch):
     large = peak_allocated_bytes(forward_backward(hidden, weight, labels, chunk_size=256))
     small = peak_allocated_bytes(forward_backward(hidden, weight, labels, chunk_size=32))
     assert large - small > 0.9 * (chunk_bytes(NUM_LABELLED) - chunk_bytes(32))
+
+
+LLAMA3_VOCAB, BF16_HIDDEN, BF16_ROWS = 128256, 256, 64
+
+
+def test_bf16_head_is_never_cast_to_float32_whole():
+    # A frozen bf16 head (LoRA) at Llama 3's vocabulary: forward and backward stay within one
+    # chunk's float32 logits plus a few MB (a 4096-row float32 slice of the weight and its
+    # product), where casting the whole weight costs V x H x 4 bytes (131 MB here, 1.05 GB for
+    # Llama 3.2 1B) on top.
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(LLAMA3_VOCAB, BF16_HIDDEN, generator=generator) / 16).bfloat16()
+    hidden = torch.randn(BF16_ROWS, BF16_HIDDEN, generator=generator).bfloat16()
+    labels = torch.randint(0, LLAMA3_VOCAB, (BF16_ROWS,), generator=generator)
+
+    def run() -> None:
+        h = hidden.clone().requires_grad_()
+        losses = linear_cross_entropy(
+            h, weight, labels, chunk_size=BF16_ROWS, num_labelled=BF16_ROWS
+        )
+        losses.sum().backward()
+
+    peak = peak_allocated_bytes(run)
+    chunk_logits = BF16_ROWS * LLAMA3_VOCAB * 4  # 32.8 MB
+    whole_weight_in_float32 = LLAMA3_VOCAB * BF16_HIDDEN * 4  # 131 MB
+    slice_and_product = 4096 * BF16_HIDDEN * 4 + BF16_ROWS * 4096 * 4  # 5.2 MB
+    assert peak < chunk_logits + slice_and_product + 2 * 1024**2, peak
+    assert peak < whole_weight_in_float32 / 2

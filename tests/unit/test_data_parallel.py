@@ -10,7 +10,7 @@ from tests.conftest import small_config_dict
 from multitune.config import ConfigError, validate_config
 from multitune.config.schema import TrainConfig
 from multitune.distributed.batches import rank_micro_batches, rank_share
-from multitune.distributed.process_group import DistContext, launched_by_torchrun
+from multitune.distributed.process_group import DistContext, launched_by_torchrun, one_process_or
 from multitune.distributed.strategy import choose_strategy
 from multitune.training.state import plan_batches
 
@@ -81,3 +81,35 @@ def test_runpods_world_size_alone_is_not_a_torchrun_launch():
     assert not launched_by_torchrun({"WORLD_SIZE": "12", "NODE_RANK": "0"})
     torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
     assert launched_by_torchrun(torchrun)
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A real one-process gloo group, as torchrun would leave it (destroyed afterwards)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_loop_without_a_context_under_a_process_group_is_an_error(gloo_group, small_config):
+    # Without the context the loop would divide by the tokens of world size 1 while the strategy
+    # sums every rank's gradient: refused before anything runs.
+    from multitune.recipes import dpo
+    from multitune.training import loop
+
+    with pytest.raises(RuntimeError, match="no DistContext was given"):
+        loop.train_loop(None, None, [], small_config, small_config.output_dir, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no DistContext was given"):
+        dpo.compute_reference_logprobs(None, [], pad_id=0, batch_size=1)
+
+
+def test_a_missing_context_without_a_process_group_is_one_process():
+    ctx = one_process_or(None)
+    assert (ctx.rank, ctx.world_size, ctx.initialized) == (0, 1, False)
+    given = DistContext(rank=1, world_size=2, initialized=True)
+    assert one_process_or(given) is given

@@ -33,9 +33,41 @@ def test_label_smoothing_mixes_both_directions():
     assert out.losses[0].item() == pytest.approx(0.6543966600735709)
 
 
-def test_ipo_matches_formula():
-    # (h - 1/(2*0.1))^2 = (1 - 5)^2, (-2 - 5)^2
-    assert _loss("ipo").losses.tolist() == pytest.approx([16.0, 49.0])
+def test_ipo_on_per_token_means_matches_a_hand_computation():
+    # Pair 0: chosen 4 tokens, policy -4 (mean -1.0) vs reference -6 (mean -1.5); rejected 2
+    # tokens, policy -5 (mean -2.5) vs reference -3 (mean -1.5).
+    # h = (-1.0 + 1.5) - (-2.5 + 1.5) = 1.5; beta 0.1: (1.5 - 5)^2 = 12.25.
+    # Pair 1: chosen 1 token, -3 vs -2; rejected 3 tokens, -3 vs -6: h = -1 - 1 = -2; 49.
+    policy = torch.tensor([-4.0, -3.0]), torch.tensor([-5.0, -3.0])
+    reference = torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, -6.0])
+    tokens = torch.tensor([4, 1]), torch.tensor([2, 3])
+    out = preference_loss(*policy, *reference, 0.1, "ipo", 0.0, *tokens)
+    assert out.losses.tolist() == pytest.approx([12.25, 49.0])
+    # Summed log-probs would give h = 2 - (-2) = 4 and -1 - 3 = -4: another loss.
+    assert out.chosen_rewards.tolist() == pytest.approx([0.05, -0.1])
+
+
+def test_ipo_target_scale_does_not_depend_on_answer_length():
+    # Every answer twice as long with the same per-token log-probs: the same loss, where summed
+    # log-probs would double h against the fixed 1/(2 beta) target.
+    policy = torch.tensor([-4.0, -3.0]), torch.tensor([-5.0, -3.0])
+    reference = torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, -6.0])
+    tokens = torch.tensor([4, 1]), torch.tensor([2, 3])
+    short = preference_loss(*policy, *reference, 0.1, "ipo", 0.0, *tokens)
+    doubled = preference_loss(
+        *(2 * p for p in policy),
+        *(2 * r for r in reference),
+        0.1,
+        "ipo",
+        0.0,
+        *(2 * t for t in tokens),
+    )
+    torch.testing.assert_close(doubled.losses, short.losses)
+
+
+def test_ipo_without_token_counts_is_an_error():
+    with pytest.raises(ValueError, match="token count"):
+        _loss("ipo")
 
 
 def test_rewards_are_beta_times_the_log_ratio():

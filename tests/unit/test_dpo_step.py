@@ -1,13 +1,17 @@
 """The DPO window step on the real tiny model: pair-exact accumulation and the loss it optimises."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from tests.unit.test_training import grads, lora_model
 
-from multitune.config.schema import DpoConfig
+from multitune.config.schema import DpoConfig, TinyModelConfig
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.losses.dpo import preference_loss
+from multitune.models.tiny import build_tiny_model
 from multitune.training.dpo_step import (
     FillerPairs,
     TokenizedPair,
@@ -60,7 +64,11 @@ def test_window_loss_and_gradient_equal_the_formula_and_split_exactly(tiny_token
     # The objective written out from a plain forward: mean preference loss + SFT term per token.
     chosen = torch.stack([plain_logprob(model, p.chosen) for p in pairs])
     rejected = torch.stack([plain_logprob(model, p.rejected) for p in pairs])
-    expected = preference_loss(chosen, rejected, reference[:, 0], reference[:, 1], 0.5, loss)
+    lengths = [torch.tensor([p.chosen.num_answer_tokens for p in pairs])]
+    lengths.append(torch.tensor([p.rejected.num_answer_tokens for p in pairs]))
+    expected = preference_loss(
+        chosen, rejected, reference[:, 0], reference[:, 1], 0.5, loss, 0.0, *lengths
+    )
     chosen_tokens = 2 + 5 + 1 + 3
     objective = expected.losses.mean() - 0.3 * chosen.sum() / chosen_tokens
     objective.backward()
@@ -115,3 +123,33 @@ def test_rank_shares_with_global_counts_and_a_filler_sum_to_the_whole_window(tin
     # Divided by its own count instead, a share's loss would be off: the window counts matter.
     alone = dpo_window_step(model, [pairs[2:]], reference, cfg, pad)
     assert alone.loss.item() > 2 * rank1.loss.item()
+
+
+def test_policy_loaded_for_dpo_starts_at_zero_reward_with_lora_dropout(tiny_tokenizer, tmp_path):
+    # An SFT adapter trained with lora.dropout 0.5: the DPO policy loaded from it must score each
+    # pair as its cached (eval-mode) reference does, so at step 0 every implicit reward is 0 and
+    # the sigmoid loss is log 2, although the loop trains in train mode.
+    from multitune.recipes.dpo import compute_reference_logprobs, load_policy
+
+    lora_model(tiny_tokenizer, dropout=0.5).save_pretrained(tmp_path / "adapter")
+    pairs = random_pairs(len(tiny_tokenizer))
+    pad = tiny_tokenizer.pad_token_id
+    cfg = DpoConfig(beta=0.5)
+
+    def first_step(policy):
+        reference = compute_reference_logprobs(policy, pairs, pad, batch_size=8)
+        policy.train()
+        torch.manual_seed(0)
+        return dpo_window_step(policy, [pairs], reference, cfg, pad)
+
+    base = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=0)
+    step = first_step(load_policy(base, tmp_path / "adapter"))
+    assert step.chosen_reward_sum.item() == 0.0
+    assert step.rejected_reward_sum.item() == 0.0
+    torch.testing.assert_close(step.loss, torch.tensor(math.log(2)), rtol=1e-6, atol=0)
+
+    # The same adapter loaded as peft does (dropout on) starts off zero: what the fix prevents.
+    base = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=0)
+    with_dropout = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    step = first_step(with_dropout)
+    assert abs(step.chosen_reward_sum.item()) > 1e-3

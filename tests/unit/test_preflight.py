@@ -228,6 +228,36 @@ def test_demo_config_passes_offline_and_needs_no_hub(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("hub_state", ["offline", "unreachable"])
+def test_push_without_a_token_is_listed_with_the_offline_problems(tmp_path, monkeypatch, hub_state):
+    # A missing token is known without a network: it is listed beside the Hub failures instead
+    # of surfacing only once the Hub is back.
+    data = small_config_dict(tmp_path / "run")
+    data["model"] = {"name": GATED}
+    data["hub"] = {"push": True, "repo": "alice/new-model"}
+    cfg = validate_config(data)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no `hf auth login` token
+    endpoint = None
+    if hub_state == "unreachable":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        closed = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+        endpoint = f"http://127.0.0.1:{closed.server_address[1]}"
+        closed.server_close()  # nothing listens there any more
+    failures = run_preflight(cfg, env={}, endpoint=endpoint)
+    token = "pushing to alice/new-model needs HF_TOKEN with write access; it is not set"
+    assert token in failures
+    if hub_state == "offline":
+        assert f"model {GATED} is not in the local cache and HF_HUB_OFFLINE=1 is set" in failures[0]
+        assert any("hub.push / hub.push_checkpoints need the Hub" in f for f in failures)
+        assert len(failures) == 3
+    else:
+        assert failures[0].startswith(f"cannot reach the Hub at {endpoint}")
+        assert len(failures) == 2
+    # With a token the same config lists only the Hub failures.
+    with_token = run_preflight(cfg, env={"HF_TOKEN": "hf_alice"}, endpoint=endpoint)
+    assert with_token == [f for f in failures if f != token]
+
+
 def test_train_stops_before_loading_and_lists_all_failures(tmp_path, monkeypatch):
     cfg = validate_config(
         {**small_config_dict(tmp_path / "run"), "tracking": {"backends": ["jsonl", "wandb"]}}

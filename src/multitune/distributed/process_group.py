@@ -43,6 +43,23 @@ class DistContext:
         return max(1, self.world_size // self.local_world_size)
 
 
+def one_process_or(ctx: DistContext | None, device=None) -> DistContext:
+    """``ctx``, or the one-process context when there is no process group.
+
+    Without a context a function would divide by world size 1 while the strategy sums the
+    gradients of every rank, a silently wrong run; so a missing context is an error once a
+    process group exists (pass the one ``init_distributed`` returned).
+    """
+    if ctx is not None:
+        return ctx
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError(
+            f"a process group of {dist.get_world_size()} processes is initialised but no "
+            "DistContext was given; pass the one init_distributed returned"
+        )
+    return DistContext(device=torch.device("cpu") if device is None else device)
+
+
 def launched_by_torchrun(env=os.environ) -> bool:
     return all(name in env for name in TORCHRUN_VARS)
 
@@ -123,3 +140,23 @@ def sum_over_ranks(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     if ctx.initialized:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def all_ranks_done(done: bool, device) -> bool:
+    """True once ``done`` is true on every rank of the process group (``done`` itself without
+    one): a decode loop over sharded layers stops when the last rank is done, since every rank
+    must run the same forwards (``device``: where the flag's collective runs)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return done
+    flag = torch.tensor([int(done)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def most_over_ranks(count: int, device) -> int:
+    """The largest ``count`` over the ranks of the process group (``count`` without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    value = torch.tensor([count], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())

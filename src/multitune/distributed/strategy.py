@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from multitune.config.schema import DistributedConfig, ModelConfig, check_quantization_for_sharding
 from multitune.distributed.process_group import DistContext
 from multitune.models.lora import decoder_and_head
 
@@ -51,6 +51,27 @@ def choose_strategy(requested: str, base_bytes: int, ctx: DistContext) -> tuple[
         f"auto: the base does not fit one GPU with room to train ({sizes}; limit "
         f"{FIT_FRACTION:.0%}) -> fsdp, sharded over all {ctx.world_size} processes"
     )
+
+
+def distribute(
+    model: torch.nn.Module, cfg: DistributedConfig, model_cfg: ModelConfig, ctx: DistContext
+) -> DeviceMesh:
+    """Choose the strategy (``distributed.strategy``) and shard or replicate ``model`` in place.
+
+    A tied embedding/head stays one Parameter: FSDP2 shards a Parameter shared by the two
+    modules of the embedding/head group once, so its memory is the planner's (tied weights
+    counted once). The checkpointer and the adapter gather keep only trainable tensors, so the
+    frozen tie's second name needs no Parameter of its own.
+    """
+    strategy, why = choose_strategy(cfg.strategy, frozen_bytes(model), ctx)
+    log.info("distributed strategy %s (%s)", strategy, why)
+    if strategy in ("fsdp", "hsdp"):
+        check_quantization_for_sharding(model_cfg)
+    mesh = apply_strategy(model, strategy, ctx)
+    log.info(
+        "device mesh: %s", " x ".join(f"{n} {k}" for n, k in zip(mesh.mesh_dim_names, mesh.shape))
+    )
+    return mesh
 
 
 def build_mesh(strategy: str, ctx: DistContext) -> DeviceMesh:
@@ -112,6 +133,40 @@ def apply_strategy(model: torch.nn.Module, strategy: str, ctx: DistContext) -> D
     return mesh
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP group back in its sharded state (no-op for a model without groups).
+
+    The embedding/head group and the root keep their whole tensors after a forward until the
+    next backward (``reshard_after_forward`` off, see ``apply_strategy``); after an evaluation
+    (no backward), ``model.parameters()`` would hand an optimizer or a checkpoint those whole
+    tensors instead of the sharded ones. FSDP2's ``reshard()`` does nothing for such a group
+    after a forward, so each group is switched to resharding for the call and back.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        return
+    for module in modules:
+        module.set_reshard_after_forward(True, recurse=False)
+        module.reshard()
+    decoder, head = decoder_and_head(model)
+    for module in (decoder, decoder.get_input_embeddings(), head):
+        if isinstance(module, FSDPModule):
+            module.set_reshard_after_forward(False, recurse=False)
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Reduce gradients over ranks at the end of this backward (``enabled``) or keep them local.
+
+    Accumulation turns it off for every micro-batch but the window's last: FSDP2 then sums the
+    unsharded gradients locally and reduces once per optimizer step (one reduce-scatter, and
+    under hsdp/ddp one all-reduce, per group) instead of once per micro-batch. The sum is the
+    same; only the number of collectives changes. A model without FSDP groups is left alone.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+
+
 def check_packed_weights(model: torch.nn.Module, policy: MixedPrecisionPolicy) -> None:
     """Refuse 4-bit weights packed in a float dtype the policy would cast: FSDP2 casts every
     floating-point parameter to ``param_dtype`` after the all-gather, which would scramble the
@@ -137,7 +192,22 @@ def frozen_bytes(model: torch.nn.Module) -> int:
 
 
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole trainable tensors (LoRA weights), gathered onto rank 0's CPU; empty on the
-    other ranks. A collective: call on every rank."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    """The whole trainable tensors (LoRA weights, trained embeddings), gathered onto rank 0's CPU
+    under every name they have (peft's save looks a tied trained head up under its own name);
+    empty on the other ranks. A collective: call on every rank.
+
+    Only trainable tensors are gathered: DCP's ``get_model_state_dict(ignore_frozen_params=True)``
+    keeps a frozen tied head under its second name and would gather the whole embedding.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    state = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            continue
+        whole = param.full_tensor() if isinstance(param, DTensor) else param
+        if main:
+            state[name] = whole.detach().to("cpu", copy=True)
+    return state

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from multitune.config.schema import RunConfig
 from multitune.data.formatting import TokenizedExample
 from multitune.data.pipeline import TaskData
+from multitune.distributed.strategy import reshard
 from multitune.evaluation import metrics
 from multitune.evaluation.scoring import (
     answer_loss,
@@ -76,6 +77,10 @@ def evaluate_tasks(
             )
     finally:
         model.train(was_training)
+        # A sharded model leaves the evaluation as it entered it: the embedding/head group
+        # would otherwise keep its whole tensors, and a checkpoint or an optimizer built next
+        # would see those instead of the sharded parameters.
+        reshard(model)
     return results
 
 

@@ -6,10 +6,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from multitune.data.batching import collate, left_pad
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
+from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
@@ -22,6 +24,18 @@ def by_length(
     ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
     for start in range(0, len(ordered), batch_size):
         yield ordered[start : start + batch_size]
+
+
+def lockstep_batches(
+    examples: list[TokenizedExample], batch_size: int, device
+) -> list[list[TokenizedExample] | None]:
+    """``by_length`` batches, padded with None up to the most any rank has.
+
+    Sharded layers all-gather in every forward, so every rank must run as many; a rank given
+    fewer examples runs a throwaway forward for each None. In one process: the batches.
+    """
+    batches = list(by_length(examples, batch_size))
+    return batches + [None] * (most_over_ranks(len(batches), device) - len(batches))
 
 
 @torch.no_grad()
@@ -112,6 +126,10 @@ def _prompt_and_gold_forward(model, batch: list[TokenizedExample], pad_id: int, 
     )
 
 
+def _throwaway_example(pad_id: int) -> TokenizedExample:
+    return TokenizedExample([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX], 1, 0, -1, False)
+
+
 @torch.no_grad()
 def constrained_labels(
     model: torch.nn.Module,
@@ -132,23 +150,31 @@ def constrained_labels(
     """
     device = next(model.parameters()).device
     predictions, loss_sum, loss_tokens = {}, 0.0, 0
-    for batch in by_length(examples, batch_size):
-        tries = [trie if isinstance(trie, LabelTrie) else trie[e.example_index] for e in batch]
-        end_id = tries[0].end_token_id
+    first_trie = trie if isinstance(trie, LabelTrie) else next(iter(trie.values()))
+    for batch in lockstep_batches(examples, batch_size, device):
+        # A throwaway example (one pad prompt token, nothing labelled) keeps a rank without
+        # examples in step with the others.
+        rows = batch or [_throwaway_example(pad_id)]
+        tries = [
+            trie[e.example_index] if isinstance(trie, dict) and batch else first_trie for e in rows
+        ]
+        end_id = first_trie.end_token_id
         logits, cache, mask, positions, batch_loss, batch_tokens = _prompt_and_gold_forward(
-            model, batch, pad_id, device
+            model, rows, pad_id, device
         )
         loss_sum, loss_tokens = loss_sum + batch_loss.item(), loss_tokens + batch_tokens
-        generated = [[] for _ in batch]
-        for _ in range(max(t.max_sequence_length for t in tries)):
+        generated = [[] for _ in rows]
+        while True:
             step = constrained_greedy_step(logits.float(), generated, tries)
             for row, token in enumerate(step.tolist()):
                 if not generated[row] or generated[row][-1] != end_id:
                     generated[row].append(token)
             # Once every row can only become one label (usually after its first token), the
-            # rest is forced: finish without another forward pass.
+            # rest is forced and needs no forward pass. Every rank decodes until the last one
+            # is done (its labels may be longer): a rank that stopped early would leave the
+            # others' all-gathers without a partner.
             rests = [t.forced_completion(g) for t, g in zip(tries, generated)]
-            if all(rest is not None for rest in rests):
+            if all_ranks_done(all(rest is not None for rest in rests), device):
                 for sequence, rest in zip(generated, rests):
                     sequence += rest
                 break
@@ -162,9 +188,9 @@ def constrained_labels(
                 use_cache=True,
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
-        for example, sequence, row_trie in zip(batch, generated, tries):
+        for example, sequence, row_trie in zip(batch or [], generated, tries):
             predictions[example.example_index] = row_trie.label_index(sequence)
-    loss = loss_sum / loss_tokens
+    loss = loss_sum / max(loss_tokens, 1)
     return predictions, {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -303,8 +329,9 @@ def greedy_generate(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     texts = {}
-    for batch in by_length(examples, batch_size):
-        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+    for batch in lockstep_batches(examples, batch_size, device):
+        prompts = [[pad_id]] if batch is None else [e.input_ids[: e.prompt_length] for e in batch]
+        ids, mask = left_pad(prompts, pad_id)
         output = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -312,8 +339,11 @@ def greedy_generate(
             do_sample=False,
             eos_token_id=end_id,
             pad_token_id=pad_id,
+            # Under a process group a rank whose rows all ended keeps running forwards until
+            # every rank's have (sharded layers all-gather in each one).
+            synced_gpus=dist.is_available() and dist.is_initialized(),
         )
-        for example, row in zip(batch, output[:, ids.shape[1] :].tolist()):
+        for example, row in zip(batch or [], output[:, ids.shape[1] :].tolist()):
             if end_id in row:
                 row = row[: row.index(end_id)]
             texts[example.example_index] = tokenizer.decode(row, skip_special_tokens=True).strip()

@@ -127,22 +127,47 @@ def remote_checkpoints(repo_id: str, token: str | None) -> list[str]:
 
 def download_latest_checkpoint(repo_id: str, checkpoints_root: Path) -> Path | None:
     """Download the newest checkpoint of the repo's checkpoints branch into
-    ``checkpoints_root``; None when the repo or branch holds none."""
+    ``checkpoints_root``; None when the repo or branch holds none.
+
+    The files land in a temporary folder of this process, are verified against their manifest
+    and only then renamed to ``step-N``, so a half-downloaded folder never looks committed. Call
+    it on one process per disk (``sft.download_resume_checkpoint``): when another node's process
+    renamed the same step first (a shared disk), that copy is kept and this one dropped.
+    """
     from huggingface_hub import snapshot_download
 
+    from multitune.checkpoint import CheckpointError, verify_checkpoint
+
     token = os.environ.get("HF_TOKEN") or None
+    root = Path(checkpoints_root)
     with explained_hub_errors(f"resume from hub.repo {repo_id}"):
         names = remote_checkpoints(repo_id, token)
         if not names:
             return None
         name = names[-1]
         log.info("no local checkpoint: downloading %s from %s", name, repo_id)
-        snapshot_download(
-            repo_id,
-            revision=CHECKPOINT_BRANCH,
-            allow_patterns=[f"{CHECKPOINT_FOLDER}/{name}/*", f"{CHECKPOINT_FOLDER}/{name}/**"],
-            local_dir=Path(checkpoints_root).parent,
-            token=token,
-            endpoint=hub_api().endpoint,
-        )
-    return Path(checkpoints_root) / name
+        root.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=root))
+        try:
+            snapshot_download(
+                repo_id,
+                revision=CHECKPOINT_BRANCH,
+                allow_patterns=[f"{CHECKPOINT_FOLDER}/{name}/*", f"{CHECKPOINT_FOLDER}/{name}/**"],
+                local_dir=partial,
+                token=token,
+                endpoint=hub_api().endpoint,
+            )
+            downloaded = partial / CHECKPOINT_FOLDER / name
+            problems = verify_checkpoint(downloaded)
+            if problems:
+                raise CheckpointError(
+                    f"{name} downloaded from {repo_id} fails verification: " + "; ".join(problems)
+                )
+            try:
+                downloaded.rename(root / name)
+            except OSError:
+                if not (root / name).is_dir():
+                    raise  # not a rename lost to another node's download
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return root / name

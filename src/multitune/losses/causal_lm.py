@@ -62,17 +62,21 @@ def token_logprobs(
 def _labelled_positions(hidden, head, targets, fused_op, sign: float) -> torch.Tensor:
     mask = targets != IGNORE_INDEX
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    labelled = True
     if not mask.any():
         # No labelled position (e.g. a rank's filler micro-batch): score one position whose
         # target is ignored (value 0, zero gradient) through the same path as any batch, so the
         # graph stays connected and every rank runs the same modules and collectives (FSDP).
         mask = torch.zeros_like(mask)
         mask.view(-1)[0] = True
+        labelled = False
     selected, wanted = hidden[mask], targets[mask]
     weight = head_weight(head)
     if weight is None:
         values = sign * F.cross_entropy(head(selected).float(), wanted, reduction="none")
     else:
-        values = fused_op(selected, weight, wanted, IGNORE_INDEX).float()
+        # The selection already counted the labelled rows: the op need not wait for the device.
+        count = selected.shape[0] if labelled else 0
+        values = fused_op(selected, weight, wanted, IGNORE_INDEX, num_labelled=count).float()
     out[mask] = values
     return out

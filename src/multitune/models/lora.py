@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -33,6 +35,47 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: PeftModel):
+    """``model.disable_adapter()`` (the base model's outputs) that leaves every parameter's
+    ``requires_grad`` as it was.
+
+    peft freezes a trained ``modules_to_save`` copy on disabling and unfreezes it on enabling,
+    which under FSDP2 lands on whichever tensors the module holds at that moment: after an
+    evaluation the embedding/head group is still unsharded, so the sharded copy stayed frozen.
+    Its trained embedding then dropped out of the trainable state dict (``KeyError:
+    'modules_to_save.default.weight'`` saving best/) and out of the optimizer. The flags are put
+    back before any forward and again on exit.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore() -> None:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+    try:
+        with model.disable_adapter():
+            restore()
+            yield
+    finally:
+        restore()
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout module's probability to 0 (LoRA dropout included); returns how many.
+
+    For preference training: the reference log-probs are scored once in eval mode (no dropout),
+    so a policy trained with dropout on would score the same answers differently and the
+    implicit reward would not start at 0 (TRL's DPOTrainer disables dropout for this reason).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            count += 1
+    return count
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from multitune.ops.extension import CPP, active_backend
 from multitune.ops.linear_logprob import (
+    COUNT_ON_DEVICE,
     DEFAULT_CHUNK_SIZE,
     compute_dtype,
     register_linear_logprob_kernels,
@@ -21,6 +22,7 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_labelled: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``-log_softmax(hidden @ weight.T)[label]`` for a bias-free lm_head.
 
@@ -31,17 +33,25 @@ def linear_cross_entropy(
         ignore_index: label value whose position gets loss 0 and zero gradient.
         chunk_size: labelled rows projected onto the vocabulary at a time; the extra memory is
             about ``chunk_size * V * 4`` bytes instead of ``N * V * 4``.
+        num_labelled: how many targets are not ``ignore_index``, when the caller knows it: the
+            op then never waits for the device (default: counted on the device, one sync).
 
     Returns:
         [N] losses in float32 (float64 if an input is float64), 0 at ignored positions. Not
         reduced, so callers can normalise by the exact token count or sum per task.
 
-    Memory: bf16/fp16 inputs are computed in float32, which costs one V x H float32 copy of
-    the weight per call (plus a float32 weight-gradient accumulator when it is trainable).
+    Memory: bf16/fp16 inputs are computed in float32 with float32 logits; the weight is cast
+    4096 vocabulary rows at a time, never whole (plus a float32 weight-gradient accumulator
+    when it is trainable).
     """
     if active_backend() == CPP:
         return torch.ops.multitune.linear_cross_entropy(
-            hidden, weight, labels, ignore_index, chunk_size
+            hidden,
+            weight,
+            labels,
+            ignore_index,
+            chunk_size,
+            COUNT_ON_DEVICE if num_labelled is None else num_labelled,
         )
     return reference_linear_cross_entropy(hidden, weight, labels, ignore_index)
 

@@ -13,6 +13,8 @@ import torch
 # Rows of labelled tokens per vocabulary projection: the [chunk, V] float32 logits buffer is
 # the op's peak extra memory (1024 x 32000 x 4 B = 131 MB). Callers pass their config value.
 DEFAULT_CHUNK_SIZE = 1024
+# num_labelled when the caller does not know it: the op counts on the device (one host sync).
+COUNT_ON_DEVICE = -1
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
@@ -30,7 +32,7 @@ def register_linear_logprob_kernels(op_name: str) -> None:
     backward_op = getattr(torch.ops.multitune, f"{op_name}_backward").default
 
     @torch.library.register_fake(qualname)
-    def _forward_fake(hidden, weight, targets, ignore_index, chunk_size):
+    def _forward_fake(hidden, weight, targets, ignore_index, chunk_size, num_labelled):
         torch._check(hidden.shape[1] == weight.shape[1])
         torch._check(targets.shape[0] == hidden.shape[0])
         return hidden.new_empty((hidden.shape[0],), dtype=compute_dtype(hidden.dtype, weight.dtype))
@@ -43,6 +45,7 @@ def register_linear_logprob_kernels(op_name: str) -> None:
         targets,
         ignore_index,
         chunk_size,
+        num_labelled,
         hidden_requires_grad,
         weight_requires_grad,
     ):
@@ -52,11 +55,12 @@ def register_linear_logprob_kernels(op_name: str) -> None:
         return grad_hidden, grad_weight
 
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        hidden, weight, targets, ignore_index, chunk_size = inputs
+        hidden, weight, targets, ignore_index, chunk_size, num_labelled = inputs
         # Only inputs are saved: the backward recomputes logits chunk by chunk.
         ctx.save_for_backward(hidden, weight, targets)
         ctx.ignore_index = ignore_index
         ctx.chunk_size = chunk_size
+        ctx.num_labelled = num_labelled
 
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         hidden, weight, targets = ctx.saved_tensors
@@ -69,12 +73,14 @@ def register_linear_logprob_kernels(op_name: str) -> None:
             targets,
             ctx.ignore_index,
             ctx.chunk_size,
+            ctx.num_labelled,
             need_hidden,
             need_weight,
         )
         return (
             grad_hidden if need_hidden else None,
             grad_weight if need_weight else None,
+            None,
             None,
             None,
             None,

@@ -6,6 +6,7 @@ import torch
 
 from multitune.ops.extension import CPP, active_backend
 from multitune.ops.linear_logprob import (
+    COUNT_ON_DEVICE,
     DEFAULT_CHUNK_SIZE,
     compute_dtype,
     register_linear_logprob_kernels,
@@ -20,6 +21,7 @@ def linear_token_logprobs(
     targets: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_labelled: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``log_softmax(hidden @ weight.T)[target]`` for a bias-free lm_head (DPO, scoring).
 
@@ -29,17 +31,25 @@ def linear_token_logprobs(
         targets: [N] int64 target ids; ``ignore_index`` marks positions to skip.
         ignore_index: target value whose position gets log-probability 0 and zero gradient.
         chunk_size: labelled rows projected onto the vocabulary at a time (memory ~chunk x V).
+        num_labelled: how many targets are not ``ignore_index``, when the caller knows it: the
+            op then never waits for the device (default: counted on the device, one sync).
 
     Returns:
         [N] log-probabilities in float32 (float64 if an input is float64), 0 where ignored.
         Exactly ``-linear_cross_entropy(...)``; both share one C++ kernel.
 
-    Memory: bf16/fp16 inputs are computed in float32, which costs one V x H float32 copy of
-    the weight per call (plus a float32 weight-gradient accumulator when it is trainable).
+    Memory: bf16/fp16 inputs are computed in float32 with float32 logits; the weight is cast
+    4096 vocabulary rows at a time, never whole (plus a float32 weight-gradient accumulator
+    when it is trainable).
     """
     if active_backend() == CPP:
         return torch.ops.multitune.linear_token_logprobs(
-            hidden, weight, targets, ignore_index, chunk_size
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            chunk_size,
+            COUNT_ON_DEVICE if num_labelled is None else num_labelled,
         )
     return reference_linear_token_logprobs(hidden, weight, targets, ignore_index)
 

@@ -108,10 +108,17 @@ def repo_readable(endpoint: str, repo_type: str, repo_id: str, token: str | None
     return []
 
 
+def push_token_set(repo_id: str, token: str | None) -> list[str]:
+    """A push needs a token; known without a network, so it is reported offline too."""
+    if token is None:
+        return [f"pushing to {repo_id} needs HF_TOKEN with write access; it is not set"]
+    return []
+
+
 def push_writable(endpoint: str, repo_id: str, token: str | None) -> list[str]:
     """The token may write to ``repo_id``, or create it when it does not exist yet."""
     if token is None:
-        return [f"pushing to {repo_id} needs HF_TOKEN with write access; it is not set"]
+        return push_token_set(repo_id, token)
     api = HfApi(endpoint=endpoint)
     try:
         api.auth_check(repo_id, token=token, write=True)

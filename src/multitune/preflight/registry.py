@@ -117,7 +117,12 @@ def _push_configured(ctx: Context) -> bool:
 
 
 def _pushes(ctx: Context) -> bool:
-    return _push_configured(ctx) and not ctx.offline
+    # Without a token the network-free check below already says so.
+    return _push_configured(ctx) and not ctx.offline and ctx.token is not None
+
+
+def _push_token(ctx: Context) -> list[str]:
+    return checks.push_token_set(config_value(ctx.cfg, "hub.repo") or "hub.repo", ctx.token)
 
 
 def _pushes_offline(ctx: Context) -> bool:
@@ -206,6 +211,8 @@ CHECKS = [
     HUB_REACHABLE,
     Check("HF_TOKEN valid", _token_set, _token_valid, talks_to_hub=True),
     Check("hub repos readable (gated, private)", _online_hub, _repos_readable, talks_to_hub=True),
+    # Needs no network: listed with the offline or unreachable-Hub failures, not hidden by them.
+    Check("push token set", _push_configured, _push_token),
     Check("push repo writable", _pushes, _push_writable, talks_to_hub=True),
     Check("push while offline", _pushes_offline, _push_offline),
     Check("W&B key", _wandb_online, _wandb_key),

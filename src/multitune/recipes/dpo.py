@@ -1,10 +1,10 @@
-"""DPO after SFT: pairs -> reference log-probs (once, cached) -> the SFT loop -> evaluate -> save.
+"""DPO after SFT: pairs -> reference log-probs (cached) -> the engine loop -> evaluate -> save.
 
 Starts from an SFT adapter (OUTPUT_DIR/adapter after ``stages: [sft, dpo]``, or
 ``multitune dpo CONFIG --adapter PATH``) and trains it further with ``dpo.train``'s settings.
-The loop is ``sft.train_loop`` itself, fed the pairs and the DPO window step, so checkpointing,
-resume, stop signals and logging are the SFT ones. No reference model is held in memory: the
-starting policy's log-probs of every training pair are computed once, before training, and
+The loop is the engine's ``training.loop.train_loop``, fed the pairs and the DPO window step, so
+checkpointing, resume, stop signals and logging are the SFT ones. No reference model is held in
+memory: the starting policy's log-probs of every training pair are computed once, before training, and
 cached on disk under a fingerprint of the tokenized pairs and the starting adapter's files.
 
 Under torchrun every process runs this function, distributed as SFT is (``distributed.strategy``,
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 
-from multitune.config.schema import RunConfig, check_quantization_for_sharding
+from multitune.config.schema import RunConfig
 from multitune.data import preference
 from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
 from multitune.distributed.process_group import (
@@ -40,34 +40,30 @@ from multitune.distributed.process_group import (
     destroy_distributed,
     init_distributed,
     local_rank_zero_first,
+    one_process_or,
     sum_over_ranks,
 )
-from multitune.distributed.strategy import (
-    apply_strategy,
-    choose_strategy,
-    frozen_bytes,
-    full_trainable_state,
-)
+from multitune.distributed.strategy import distribute, full_trainable_state
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
 from multitune.models.loading import load_model_and_tokenizer
-from multitune.recipes.sft import (
-    RESUME_FREE_TRAIN_KEYS,
-    TrainingData,
-    choose_resume_checkpoint,
-    resume_fixed_config,
-    save_adapter,
-    separate_tied_frozen_parameters,
-    stop_signals_caught,
-    train_loop,
-)
+from multitune.models.lora import adapters_disabled, disable_dropout
 from multitune.training.dpo_step import (
     DpoStepResult,
     FillerPairs,
     TokenizedPair,
     dpo_window_step,
     sequence_logprobs,
+)
+from multitune.training.loop import (
+    RESUME_FREE_TRAIN_KEYS,
+    TrainingData,
+    choose_resume_checkpoint,
+    resume_fixed_config,
+    save_adapter,
+    stop_signals_caught,
+    train_loop,
 )
 from multitune.training.state import seed_everything
 
@@ -125,7 +121,7 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     stage_dir = out / STAGE_DIR
     stage_dir.mkdir(parents=True, exist_ok=True)
     fixed = dpo_fixed_config(cfg, adapter)
-    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed)
+    resume_from = choose_resume_checkpoint(stage_config(cfg), stage_dir, fixed, ctx)
     seed_everything(cfg.seed)
     started = time.perf_counter()
 
@@ -137,16 +133,9 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
             cfg.model, training_corpus(tasks), cfg.seed, device, saved_base=saved_base
         )
     tokenize_tasks(tasks, tokenizer, cfg)
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    model = load_policy(model, adapter)
     if ctx.initialized:
-        base_bytes = frozen_bytes(model)  # before the tie is separated below
-    separate_tied_frozen_parameters(model)
-    if ctx.initialized:
-        strategy, why = choose_strategy(cfg.distributed.strategy, base_bytes, ctx)
-        log.info("distributed strategy %s (%s)", strategy, why)
-        if strategy in ("fsdp", "hsdp"):
-            check_quantization_for_sharding(cfg.model)
-        apply_strategy(model, strategy, ctx)
+        distribute(model, cfg.distributed, cfg.model, ctx)
 
     # Every rank scores the same examples in lockstep (sharded layers all-gather in each
     # forward); rank 0's pairs are then everyone's, so no rounding difference can split them.
@@ -244,6 +233,21 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     return results
 
 
+def load_policy(model, adapter: Path) -> PeftModel:
+    """The trainable policy: ``adapter`` on ``model``, with every dropout off.
+
+    The cached reference log-probs come from the same adapter in eval mode; with LoRA dropout on
+    during training the policy would score the same pair differently from its reference, and
+    the implicit reward and margin would not be 0 at step 0 (TRL turns dropout off for DPO by
+    default for the same reason). The adapter config keeps its ``lora_dropout`` for SFT.
+    """
+    policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    disabled = disable_dropout(policy)
+    if disabled:
+        log.info("dpo: dropout off in %d modules (policy and reference score alike)", disabled)
+    return policy
+
+
 def build_pairs(model, tokenizer, tasks, cfg: RunConfig) -> dict[str, list]:
     """Training and held-out pairs from ``dpo.dataset`` and/or the tasks ``dpo.tasks`` names."""
     pairs: dict[str, list] = {"train": [], "validation": []}
@@ -305,7 +309,7 @@ def compute_reference_logprobs(
     process, so the same padding and the same figures), every rank running as many forwards
     (a rank out of batches repeats the first and drops the result); the table is summed over ranks.
     """
-    ctx = ctx or DistContext()
+    ctx = one_process_or(ctx)
     device = next(model.parameters()).device
     out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     was_training = model.training
@@ -343,7 +347,7 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """The cached reference table when its fingerprint matches (on every rank), else computed
     and cached (written by rank 0)."""
-    ctx = ctx or DistContext()
+    ctx = one_process_or(ctx)
     fingerprint = {"pairs": pairs_fingerprint(pairs), "adapter": adapter_fingerprint(adapter)}
     saved = torch.load(cache, weights_only=True) if cache.is_file() else {}
     reusable = saved.get("fingerprint") == fingerprint
@@ -380,7 +384,7 @@ def starting_results(model, tokenizer, tasks, cfg: RunConfig, adapter: Path) -> 
     """`multitune dpo` alone: evaluate the starting adapter (and the base) for the table."""
     results = {"adapter": str(adapter)}
     if cfg.eval.before_training:
-        with model.disable_adapter():
+        with adapters_disabled(model):
             results["base"] = {"tasks": evaluate_tasks(model, tokenizer, tasks, cfg)}
     results["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg)
     return results
@@ -395,7 +399,7 @@ def dpo_training_data(
     fixed,
     ctx: DistContext | None = None,
 ) -> TrainingData:
-    ctx = ctx or DistContext(device=device)
+    ctx = one_process_or(ctx, device)
 
     def epoch_items(epoch: int) -> list:
         order = list(range(len(pairs)))

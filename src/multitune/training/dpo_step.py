@@ -9,6 +9,7 @@ import torch
 from multitune.config.schema import DpoConfig
 from multitune.data.batching import collate
 from multitune.data.formatting import TokenizedExample
+from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_logprobs
 from multitune.losses.dpo import preference_loss
 from multitune.models.lora import decoder_and_head
@@ -84,7 +85,8 @@ def dpo_window_step(
     zero = torch.zeros((), device=device)
     total, chosen_sum, rejected_sum, correct, nll_sum = zero, zero, zero, zero, zero
     num_input_tokens = 0
-    for pairs in micro_batches:
+    for number, pairs in enumerate(micro_batches):
+        set_gradient_sync(model, number == len(micro_batches) - 1)  # one reduction per step
         examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         # Chosen and rejected in one forward pass: one decoder call per micro-batch.
         logps = sequence_logprobs(model, examples, pad_id)
@@ -94,8 +96,17 @@ def dpo_window_step(
         num_input_tokens += sum(len(e.input_ids) for e in examples)
         n = len(pairs)
         ref = reference[torch.tensor([p.index for p in pairs], device=device)]
+        lengths = torch.tensor([e.num_answer_tokens for e in examples], device=device)
         out = preference_loss(
-            logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing
+            logps[:n],
+            logps[n:],
+            ref[:, 0],
+            ref[:, 1],
+            cfg.beta,
+            cfg.loss,
+            cfg.label_smoothing,
+            chosen_tokens=lengths[:n],
+            rejected_tokens=lengths[n:],
         )
         loss = out.losses.sum() / window_pairs
         nll = -logps[:n].sum()

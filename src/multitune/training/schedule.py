@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from multitune.config.schema import TrainConfig
 
@@ -16,23 +21,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Linear warmup, then cosine or linear decay to 0, or constant."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``ceil(warmup_ratio x total_steps)`` steps, then cosine or linear
+    decay to 0, or constant: transformers' schedules, so a run's learning rates are those of the
+    HF Trainer and TRL for the same settings (step s of the warmup runs at lr x s / warmup, the
+    first at 0).
+
+    Resuming needs nothing of our own: the schedules are ``LambdaLR``s of (step, total), the
+    checkpoint restores the step, and a resumed run rebuilt with a longer ``max_steps`` follows
+    the new length from that step on.
+    """
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.scheduler)
-    )
+    if cfg.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if cfg.scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)

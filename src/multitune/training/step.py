@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_losses
 from multitune.models.lora import decoder_and_head
 
@@ -60,7 +61,9 @@ def accumulate_gradients(
     task_counts = torch.zeros(num_tasks, device=device)
     num_input_tokens = 0
     one_row = uses_flash_attention(model_decoder)
-    for mb, target in zip(micro_batches, targets):
+    last = len(micro_batches) - 1
+    for number, (mb, target) in enumerate(zip(micro_batches, targets)):
+        set_gradient_sync(model, number == last)  # one reduction per optimizer step
         hidden = decoder(**decoder_inputs(mb, device, one_row)).last_hidden_state
         hidden = hidden.view(*target.shape, -1)  # back to [rows, T, H] after a one-row forward
         num_input_tokens += count_input_tokens(mb)
