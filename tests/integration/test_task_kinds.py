@@ -103,3 +103,34 @@ def test_empty_split_is_a_clear_error_not_a_zero_metric(local_tasks):
     )
     with pytest.raises(TaskDataError, match="empty|could not read"):
         sft.run(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_multiple_choice_answered_by_text(tmp_path):
+    """answer_format text on the sample's commonsense_qa: the random-init tiny model, which stays
+    at chance answering by letter (README), learns to answer with the right choice's text."""
+    from tests.conftest import SAMPLE
+
+    cfg = validate_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": "builtin:tiny-llama", "tiny": {"size": "micro"}},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens"]},
+            "tasks": [
+                {
+                    "preset": "commonsense_qa",
+                    "dataset": str(SAMPLE / "commonsense_qa"),
+                    "answer_format": "text",
+                    "max_examples": 400,
+                }
+            ],
+            "data": {"max_seq_len": 160},
+            "train": {"epochs": 4, "lr": 5e-3, "micro_batch_size": 16, "progress_bar": False},
+            "eval": {"batch_size": 32, "max_examples": 80},
+        }
+    )
+    results = sft.run(cfg)
+    after = results["tasks"]["commonsense_qa"]
+    assert after["answer_format"] == "text"
+    assert after["accuracy"] >= 0.6, after["accuracy"]  # chance: 0.2
+    assert after["accuracy"] >= results["base"]["tasks"]["commonsense_qa"]["accuracy"] + 0.3

