@@ -99,7 +99,8 @@ def test_mined_pairs_have_gold_chosen_and_a_wrong_rejected(dpo_run):
 def test_results_show_base_sft_and_dpo_and_dpo_helps_on_held_out_pairs(dpo_run):
     _, out = dpo_run
     results = json.loads((out / "eval_results.json").read_text())
-    assert set(results["dpo"]) == {"tasks", "adapter", "preference"}
+    assert set(results["dpo"]) == {"tasks", "adapter", "preference", "warnings"}
+    assert results["dpo"]["warnings"] == []  # no task lost more than 2 points
     assert (out / results["dpo"]["adapter"] / "adapter_model.safetensors").is_file()
     preference = results["dpo"]["preference"]
     assert preference["n"] == 34

@@ -32,3 +32,28 @@ def test_label_smoothing_is_for_the_sigmoid_loss_only(tmp_path):
 def test_unknown_dpo_key_names_the_closest(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'dpo.beta'"):
         config(tmp_path, dpo={"betta": 0.2})
+
+
+def test_a_task_that_dpo_made_worse_by_over_2_points_is_a_warning_in_the_table():
+    import io
+
+    from rich.console import Console
+
+    from multitune.evaluation.report import print_summary
+    from multitune.recipes.dpo import accuracy_regressions
+
+    sft = {"banking77": {"accuracy": 0.96}, "claims": {"accuracy": 0.5}, "chat": {"bleu": 3.0}}
+    dpo = {"banking77": {"accuracy": 0.66}, "claims": {"accuracy": 0.485}, "chat": {"bleu": 1.0}}
+    assert accuracy_regressions(sft, dpo) == {"banking77": (0.96, 0.66)}
+    results = {
+        "tasks": sft,
+        "split": "validation",
+        "chance": {},
+        "dpo": {"tasks": dpo, "warnings": ["task banking77: accuracy 0.960 after SFT -> 0.660"]},
+    }
+    output = io.StringIO()
+    print_summary([], results, Console(file=output, width=200))
+    assert (
+        "warning: DPO lowered task banking77: accuracy 0.960 after SFT -> 0.660"
+        in output.getvalue()
+    )

@@ -73,3 +73,5 @@ def print_summary(tasks: list[TaskData], results: dict, console: Console | None 
             _fmt(results["chance"].get(name)),
         )
     console.print(table)
+    for warning in (results.get("dpo") or {}).get("warnings", []):
+        console.print(f"warning: DPO lowered {warning}")

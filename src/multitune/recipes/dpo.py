@@ -69,6 +69,8 @@ from multitune.training.state import seed_everything
 
 log = logging.getLogger(__name__)
 STAGE_DIR = "dpo"
+# A task whose accuracy falls by more than this from SFT to DPO is reported as a warning.
+REGRESSION_POINTS = 0.02
 REFERENCE_CACHE = "reference_logprobs.pt"
 
 
@@ -205,6 +207,16 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     if not ctx.is_main:
         return {}
     save_adapter(model, tokenizer, stage_dir / "adapter", saved_base, state)
+    regressions = accuracy_regressions(previous["tasks"], final)
+    for name, (sft_accuracy, dpo_accuracy) in regressions.items():
+        log.warning(
+            "DPO lowered task %s's accuracy from %.3f to %.3f (more than %.0f points): the "
+            "SFT adapter (adapter/) may be the better one; see README, DPO",
+            name,
+            sft_accuracy,
+            dpo_accuracy,
+            100 * REGRESSION_POINTS,
+        )
     results = write_eval_results(
         out,
         previous["tasks"],
@@ -220,6 +232,10 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
                 "accuracy_before": before,
                 "accuracy_after": after,
             },
+            "warnings": [
+                f"task {name}: accuracy {before_dpo:.3f} after SFT -> {after_dpo:.3f} after DPO"
+                for name, (before_dpo, after_dpo) in regressions.items()
+            ],
         },
     )
     print_summary(tasks, results)
@@ -231,6 +247,18 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
         stage_dir,
     )
     return results
+
+
+def accuracy_regressions(sft: dict, dpo: dict) -> dict[str, tuple[float, float]]:
+    """Tasks whose accuracy fell by more than ``REGRESSION_POINTS`` from SFT to DPO:
+    name -> (SFT accuracy, DPO accuracy)."""
+    return {
+        name: (sft[name]["accuracy"], metrics["accuracy"])
+        for name, metrics in dpo.items()
+        if "accuracy" in metrics
+        and "accuracy" in sft.get(name, {})
+        and metrics["accuracy"] < sft[name]["accuracy"] - REGRESSION_POINTS
+    }
 
 
 def load_policy(model, adapter: Path) -> PeftModel:
