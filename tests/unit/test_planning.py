@@ -168,8 +168,9 @@ def test_micro_batch_search_covers_powers_of_two_and_midpoints():
 def test_recommendation_replicates_small_models_and_shards_large_ones():
     small = build_plan(run_config(), 8, "h100", None, None)
     assert small["recommendation"]["strategy"] == "ddp"
-    # 8192: with the fused loss (one logits chunk) an 8B at 4096 tokens already fits one A10G.
-    big = run_config("meta-llama/Llama-3.1-8B-Instruct", data={"max_seq_len": 8192})
+    # 16384: with the fused loss (one logits chunk) and LoRA keeping each layer input once (not
+    # a float32 copy per adapted layer), an 8B at 8192 tokens already fits one A10G.
+    big = run_config("meta-llama/Llama-3.1-8B-Instruct", data={"max_seq_len": 16384})
     one_node = build_plan(big, 8, "a10g", None, None)
     assert one_node["recommendation"]["strategy"] == "fsdp"
     two_nodes = build_plan(big, 8, "a10g", None, None, nodes=2)
@@ -207,7 +208,10 @@ def test_time_and_cost_scale_with_tokens_and_gpus():
 
 
 def test_activation_formula_matches_tensors_saved_by_autograd():
-    """The per-layer formula against what a real tiny model keeps for backward (CPU, fp32)."""
+    """The per-layer formula against what a real tiny model keeps for backward (CPU, fp32).
+
+    Also the guard of the LoRA dropout fix: with peft's own dropout (a float32 mask and a
+    float32 dropped copy per adapted layer) the model keeps about 20% more than predicted."""
     from multitune.models.lora import apply_lora
     from multitune.models.tiny import build_tiny_model, train_tiny_tokenizer
 
@@ -241,7 +245,6 @@ def test_activation_formula_matches_tensors_saved_by_autograd():
         counts=count_parameters(arch.config, cfg.lora),
         lora=cfg.lora,
         weight_bytes=4,
-        dropout_mask_bytes=4,
         attention="sdpa",
         seq_len=seq,
         overhead_bytes=0,

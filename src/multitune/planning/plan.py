@@ -74,10 +74,12 @@ def build_plan(
         counts=counts,
         lora=cfg.lora,
         weight_bytes=DTYPE_BYTES[dtype],
-        dropout_mask_bytes=4 if gpu_type == "cpu" else 1,
         attention=attention,
         seq_len=cfg.data.max_seq_len,
         overhead_bytes=device.overhead_bytes,
+        # With the data's token count, a packed micro-batch fills only the rows it needs.
+        example_tokens=num_tokens / num_examples if num_tokens and num_examples else None,
+        packing=cfg.data.packing,
     )
     usable = int(device.memory_bytes * USABLE_MEMORY_FRACTION)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -124,6 +126,7 @@ def build_plan(
             "max_seq_len": cfg.data.max_seq_len,
             "gradient_checkpointing": checkpointing,
             "tokens_per_step": micro * accum * world * cfg.data.max_seq_len,
+            "positions_per_micro_batch": model.positions(micro),
         },
         "memory": memory,
         "alternatives": {
