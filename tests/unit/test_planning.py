@@ -27,10 +27,15 @@ from multitune.planning.architecture import (  # noqa: E402
     shape_of,
 )
 from multitune.planning.communication import communication_per_step  # noqa: E402
-from multitune.planning.hardware import GPUS  # noqa: E402
+from multitune.planning.hardware import (  # noqa: E402
+    CPU_ALLOCATOR_RETENTION,
+    CPU_PROCESS_BYTES,
+    GPUS,
+)
 from multitune.planning.memory import (  # noqa: E402
     MemoryModel,
     activation_memory,
+    loss_memory,
     micro_batch_candidates,
 )
 from multitune.planning.parameters import (  # noqa: E402
@@ -335,3 +340,31 @@ def test_token_count_matches_the_tokenized_examples(tmp_path):
     assert counts["num_examples"] == len(train) == 48  # 60 rows minus the 20% validation split
     assert counts["num_tokens"] == sum(len(e.input_ids) for e in train)
     assert counts["vocab_size"] == len(tokenizer)
+
+
+def test_packed_micro_batch_fills_only_the_rows_its_examples_need():
+    cfg = run_config(data={"max_seq_len": 256})
+    arch = resolve_architecture(cfg.model)
+    counts = count_parameters(arch.config, cfg.lora)
+
+    def model(**kw) -> MemoryModel:
+        return MemoryModel(arch.shape, counts, cfg.lora, 2, "sdpa", 256, 0, **kw)
+
+    assert model().positions(8) == 8 * 256  # unknown lengths: every row full
+    assert model(example_tokens=103.0).positions(8) == 4 * 256  # 824 tokens -> 4 rows
+    assert model(example_tokens=103.0, packing=False).positions(8) == 8 * 256
+    assert model(example_tokens=400.0).positions(8) == 8 * 256  # never above micro x seq
+    full, answers = model(example_tokens=103.0), model(example_tokens=103.0, answer_fraction=0.05)
+    assert loss_memory(answers, 8, fused=True) == math.ceil(1024 * 0.05) * arch.shape.vocab * 4
+    assert loss_memory(full, 8, fused=True) == 1024 * arch.shape.vocab * 4
+
+
+def test_cpu_plan_counts_the_process_and_the_allocator_s_kept_blocks():
+    cfg = run_config(data={"max_seq_len": 256})
+    plan = build_plan(cfg, 1, "cpu", None, num_tokens=103_000, num_examples=1000)
+    lines = plan["memory"]["ddp"]
+    assert lines["overhead"] == CPU_PROCESS_BYTES
+    assert lines["allocator"] == math.ceil(CPU_ALLOCATOR_RETENTION * lines["activations"])
+    assert plan["batch"]["positions_per_micro_batch"] == 4 * 256
+    gpu = build_plan(cfg, 1, "h100", None, num_tokens=103_000, num_examples=1000)
+    assert gpu["memory"]["ddp"]["allocator"] == 0

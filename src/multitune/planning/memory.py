@@ -42,6 +42,11 @@ class MemoryModel:
     # its examples need. None: every row is full (micro_batch x seq_len positions).
     example_tokens: float | None = None
     packing: bool = True
+    # Share of the positions that are answer tokens (the SFT loss projects only those onto the
+    # vocabulary); 1.0 when unknown.
+    answer_fraction: float = 1.0
+    # Freed blocks the host allocator keeps, as a fraction of the activations (CPU only).
+    allocator_retention: float = 0.0
 
     def positions(self, micro_batch: int) -> int:
         """Token positions (rows x width) of one micro-batch of ``micro_batch`` examples."""
@@ -137,15 +142,16 @@ def recompute_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> i
 
 
 def loss_memory(m: MemoryModel, micro_batch: int, fused: bool = False) -> int:
-    """Logits memory for a micro-batch whose every token is a training target (an upper bound:
-    the SFT loss projects only answer positions).
+    """Logits memory for a micro-batch.
 
-    plain: tokens x vocab x 4 bytes x 3 (log-probs, their gradient, the logits' gradient);
-    fused: one chunk of ``LOSS_CHUNK_TOKENS`` rows x vocab x 4 bytes.
+    plain: every position x vocab x 4 bytes x 3 (log-probs, their gradient, the logits'
+    gradient), as ``model(labels=...)`` computes; fused: the answer positions only
+    (``answer_fraction``), at most ``LOSS_CHUNK_TOKENS`` rows x vocab x 4 bytes at a time.
     """
     tokens = m.positions(micro_batch)
     if fused:
-        return min(tokens, LOSS_CHUNK_TOKENS) * m.shape.vocab * 4
+        answers = math.ceil(tokens * m.answer_fraction)
+        return min(answers, LOSS_CHUNK_TOKENS) * m.shape.vocab * 4
     return tokens * m.shape.vocab * 4 * PLAIN_LOSS_FLOAT32_COPIES
 
 
@@ -195,8 +201,11 @@ def strategy_memory(
         # The recomputed layer and the loss's buffers are never alive together (the loss's
         # backward ends before the first layer is recomputed): count only the excess.
         "recompute": max(0, recompute_memory(m, micro_batch, checkpointing) - loss),
+        "allocator": 0,
         "overhead": m.overhead_bytes,
     }
+    live = lines["activations"] + lines["recompute"]
+    lines["allocator"] = math.ceil(m.allocator_retention * live)
     lines["total"] = sum(lines.values())
     return lines
 
