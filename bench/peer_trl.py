@@ -92,7 +92,7 @@ def setup(args, output_dir: str):
     if args.model == "llama-3.2-1b-shape":
         from train_throughput import build_llama_shape
 
-        model = build_llama_shape(cfg, tokenizer, device)
+        model = build_llama_shape(cfg, tokenizer, device, args.shape_layers)
     tokenize_tasks(tasks, tokenizer, cfg)
     sizes = [len(t.tokenized["train"]) for t in tasks]
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
@@ -303,6 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "llama-3.2-1b-shape (random weights from its config, tiny tokenizer)",
     )
     parser.add_argument("--tiny-size", default="micro", help="built-in tiny model size")
+    parser.add_argument(
+        "--shape-layers", type=int, default=None, help="llama-3.2-1b-shape with fewer layers"
+    )
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "multitune-peer"))
     parser.add_argument("--micro-batch", type=int, default=8, help="examples per step")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
