@@ -17,6 +17,10 @@
 # end lists every stage's status, and the script exits 1 if any failed. The limits add up to
 # 8 minutes (45 + 150 + 45 + 2 x 100 + 40 s).
 #
+# The wheels (bench/gpu_wheels.sh) are about 78 MB, pyarrow 55 MB of it: more than the device
+# tool's 64 MiB carry. Copy them to an untracked folder git does not ignore (it travels with the
+# working tree) and pass WHEELS=that-folder, or carry only those the machine lacks.
+#
 # Usage (repository root):  bash bench/gpu.sh
 # Dry run on CPU (tiny sizes, a 1-layer Llama-3.2-1B shape, every stage's code path):
 #     DRY_RUN=1 PYTHON=.venv/bin/python bash bench/gpu.sh

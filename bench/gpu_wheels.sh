@@ -36,5 +36,9 @@ for name in "${NAMES[@]}"; do
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform any -d "$DEST" "$(pins "$name")"
 done
-du -sh "$DEST"
 ls "$DEST"
+# The device tool carries at most 64 MiB of ignored paths; pyarrow alone is 55 MB. Over that,
+# copy the folder to an untracked path git does not ignore (it travels with the working tree) and
+# run gpu.sh with WHEELS=that-path, or drop the wheels the GPU machine already has.
+total=$(du -sm "$DEST" | cut -f1)
+echo "$total MiB in $DEST$( ((total > 64)) && echo ": over the 64 MiB carry limit, see above")"

@@ -28,7 +28,8 @@ from multitune.planning.architecture import (  # noqa: E402
 )
 from multitune.planning.communication import communication_per_step  # noqa: E402
 from multitune.planning.hardware import (  # noqa: E402
-    CPU_ALLOCATOR_RETENTION,
+    CPU_ALLOCATOR_ACTIVATION_RETENTION,
+    CPU_ALLOCATOR_WEIGHT_RETENTION,
     CPU_PROCESS_BYTES,
     GPUS,
 )
@@ -364,7 +365,9 @@ def test_cpu_plan_counts_the_process_and_the_allocator_s_kept_blocks():
     plan = build_plan(cfg, 1, "cpu", None, num_tokens=103_000, num_examples=1000)
     lines = plan["memory"]["ddp"]
     assert lines["overhead"] == CPU_PROCESS_BYTES
-    assert lines["allocator"] == math.ceil(CPU_ALLOCATOR_RETENTION * lines["activations"])
+    kept = CPU_ALLOCATOR_WEIGHT_RETENTION * lines["weights"]
+    kept += CPU_ALLOCATOR_ACTIVATION_RETENTION * lines["activations"]
+    assert lines["allocator"] == math.ceil(kept)
     assert plan["batch"]["positions_per_micro_batch"] == 4 * 256
     gpu = build_plan(cfg, 1, "h100", None, num_tokens=103_000, num_examples=1000)
     assert gpu["memory"]["ddp"]["allocator"] == 0

@@ -19,10 +19,13 @@ CPU_PEAK_TFLOPS_PER_THREAD = 0.05
 # the tokenizer and the tokenized data (measured: about 580 MB RSS with SmolLM2's tokenizer and
 # the three-task sample mix).
 CPU_PROCESS_BYTES = 600 * MIB
-# glibc's malloc keeps freed blocks of one step for the next (see bench/peer_trl.py's notes in
-# BENCHMARKS.md): peak RSS exceeded the live bytes by 0.75x the activations, measured on
-# SmolLM2-135M in float32 (3.73 GB peak against 2.63 GB live with MALLOC_MMAP_THRESHOLD_ fixed).
-CPU_ALLOCATOR_RETENTION = 0.75
+# glibc's malloc keeps freed blocks from step to step (BENCHMARKS.md, bench/peer_trl.py): peak
+# RSS exceeded the live bytes by about 2x the frozen weights plus 0.35x the activations. Fitted
+# on SmolLM2-135M in float32 (1.1 GB kept with and without gradient checkpointing over the
+# first steps, 1.65 GB over 30 steps without); the part that follows the weights is measured,
+# not explained. With MALLOC_MMAP_THRESHOLD_=131072 both terms were about 0.
+CPU_ALLOCATOR_WEIGHT_RETENTION = 2.0
+CPU_ALLOCATOR_ACTIVATION_RETENTION = 0.35
 
 
 @dataclass(frozen=True)

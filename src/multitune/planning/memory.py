@@ -45,8 +45,9 @@ class MemoryModel:
     # Share of the positions that are answer tokens (the SFT loss projects only those onto the
     # vocabulary); 1.0 when unknown.
     answer_fraction: float = 1.0
-    # Freed blocks the host allocator keeps, as a fraction of the activations (CPU only).
-    allocator_retention: float = 0.0
+    # Freed blocks the host allocator keeps (CPU only), as fractions of the frozen weights and
+    # of the activations (see planning.hardware).
+    allocator_retention: tuple[float, float] = (0.0, 0.0)
 
     def positions(self, micro_batch: int) -> int:
         """Token positions (rows x width) of one micro-batch of ``micro_batch`` examples."""
@@ -204,8 +205,9 @@ def strategy_memory(
         "allocator": 0,
         "overhead": m.overhead_bytes,
     }
+    of_weights, of_activations = m.allocator_retention
     live = lines["activations"] + lines["recompute"]
-    lines["allocator"] = math.ceil(m.allocator_retention * live)
+    lines["allocator"] = math.ceil(of_weights * lines["weights"] + of_activations * live)
     lines["total"] = sum(lines.values())
     return lines
 

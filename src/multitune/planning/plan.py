@@ -8,7 +8,8 @@ from multitune.config.schema import RunConfig
 from multitune.planning.architecture import resolve_architecture
 from multitune.planning.communication import communication_per_step
 from multitune.planning.hardware import (
-    CPU_ALLOCATOR_RETENTION,
+    CPU_ALLOCATOR_ACTIVATION_RETENTION,
+    CPU_ALLOCATOR_WEIGHT_RETENTION,
     USABLE_MEMORY_FRACTION,
     get_accelerator,
 )
@@ -87,7 +88,11 @@ def build_plan(
         example_tokens=num_tokens / num_examples if num_tokens and num_examples else None,
         packing=cfg.data.packing,
         answer_fraction=num_answer_tokens / num_tokens if num_answer_tokens and num_tokens else 1.0,
-        allocator_retention=CPU_ALLOCATOR_RETENTION if gpu_type == "cpu" else 0.0,
+        allocator_retention=(
+            (CPU_ALLOCATOR_WEIGHT_RETENTION, CPU_ALLOCATOR_ACTIVATION_RETENTION)
+            if gpu_type == "cpu"
+            else (0.0, 0.0)
+        ),
     )
     usable = int(device.memory_bytes * USABLE_MEMORY_FRACTION)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
