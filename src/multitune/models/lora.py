@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from multitune.config.schema import LoraConfig
@@ -34,7 +36,92 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    fuse_input_dropout(model)
+    return model
+
+
+class DroppedInputLinear(torch.nn.Linear):
+    """LoRA's A matrix with the adapter's input dropout (and its float32 cast) inside.
+
+    peft computes ``lora_A(dropout(x.float()))``: autograd then keeps, per adapted linear layer,
+    the float32 dropped input (for A's gradient) and, on CPU, a float32 dropout mask: 8 bytes
+    per input element, for q, k and v separately although they read the same ``x``. This module
+    keeps ``x`` itself (in its own dtype, one tensor for q/k/v, which is the norm's output that
+    nothing else keeps) and a bool mask, and recomputes the dropped input in backward: measured
+    on SmolLM2-135M in float32, 0.53 GiB less of 2.3 GiB of activations per 900 tokens.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, p: float) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p if self.training else 0.0
+        if not torch.is_grad_enabled():
+            return F.linear(_dropped(x, self.weight.dtype, _dropout_mask(x, p), p), self.weight)
+        return _DroppedInputLinearFn.apply(x, self.weight, p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input dropout p={self.p}"
+
+
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    if p == 0:
+        return None
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+
+
+def _dropped(x: torch.Tensor, dtype, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x in ``dtype``, zeroed where ``mask`` is False and scaled by 1 / (1 - p)."""
+    x = x.to(dtype)
+    return x if mask is None else (x * mask).mul_(1 / (1 - p))
+
+
+class _DroppedInputLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        mask = _dropout_mask(x, p)
+        ctx.p = p
+        ctx.save_for_backward(x, weight, mask)
+        return F.linear(_dropped(x, weight.dtype, mask, p), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            if mask is not None:
+                grad_x = grad_x.mul_(mask).mul_(1 / (1 - ctx.p))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = _dropped(x, weight.dtype, mask, ctx.p)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+        return grad_x, grad_weight, None
+
+
+def fuse_input_dropout(model: PeftModel) -> None:
+    """Give every plain LoRA linear layer a ``DroppedInputLinear`` A matrix (same Parameter, so
+    the state dict, merging and saving are unchanged) and no separate dropout or input cast."""
+    for module in model.modules():
+        if not (isinstance(module, BaseTunerLayer) and hasattr(module, "lora_A")):
+            continue
+        plain = [
+            name
+            for name, lora_a in module.lora_A.items()
+            if type(lora_a) is torch.nn.Linear and name not in getattr(module, "lora_variant", {})
+        ]
+        if not plain or len(plain) != len(module.lora_A):
+            continue  # DoRA and other variants read the dropout module themselves
+        for name in plain:
+            dropout = module.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+            module.lora_A[name] = DroppedInputLinear(module.lora_A[name], p)
+            module.lora_dropout[name] = torch.nn.Identity()
+        # The cast to the adapter's dtype happens inside DroppedInputLinear (x is kept as is).
+        module.cast_input_dtype_enabled = False
 
 
 @contextlib.contextmanager

@@ -44,11 +44,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from multitune.planning.tokens import count_dataset_tokens
 
     cfg = load_config(args.config, args.overrides)
-    num_tokens, num_examples, count_error = args.num_tokens, None, None
+    num_tokens, num_examples, num_answer_tokens = args.num_tokens, None, None
+    count_error = None
     if num_tokens is None:
         try:
             counts = count_dataset_tokens(cfg)
             num_tokens, num_examples = counts["num_tokens"], counts["num_examples"]
+            num_answer_tokens = counts["num_answer_tokens"]
         except (ValueError, RuntimeError, OSError) as exc:
             # The memory plan stands without the data; say why time and cost are missing.
             count_error = f"could not count the training tokens: {exc}"
@@ -62,6 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         mfu=args.mfu,
         num_examples=num_examples,
+        num_answer_tokens=num_answer_tokens,
     )
     if count_error:
         plan["notes"].append(count_error)
@@ -69,7 +72,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         share = counts["num_answer_tokens"] / max(1, counts["num_tokens"])
         plan["notes"].append(
             f"answer tokens are {share:.1%} of the training tokens; the SFT loss projects only "
-            "those onto the vocabulary, so the loss line (every token) is an upper bound"
+            "those onto the vocabulary (the loss line counts them), and a packed micro-batch "
+            f"fills {plan['batch']['positions_per_micro_batch']:,} positions (rows x width)"
         )
     print(
         json.dumps(plan, indent=2) if args.json else format_plan(plan),

@@ -15,6 +15,17 @@ CUDA_OVERHEAD_BYTES = 1 * GIB
 # fp32 FMA throughput per CPU thread we call "peak" (AVX2: 2 FMA units x 8 lanes x 2 flops at
 # ~3 GHz is ~96 GFLOP/s; half of it is a realistic ceiling for torch's matmuls).
 CPU_PEAK_TFLOPS_PER_THREAD = 0.05
+# A CPU training process before its model: the interpreter, torch, transformers, peft, datasets,
+# the tokenizer and the tokenized data (measured: about 580 MB RSS with SmolLM2's tokenizer and
+# the three-task sample mix).
+CPU_PROCESS_BYTES = 600 * MIB
+# glibc's malloc keeps freed blocks from step to step (BENCHMARKS.md, bench/peer_trl.py): peak
+# RSS exceeded the live bytes by about 2x the frozen weights plus 0.35x the activations. Fitted
+# on SmolLM2-135M in float32 (1.1 GB kept with and without gradient checkpointing over the
+# first steps, 1.65 GB over 30 steps without); the part that follows the weights is measured,
+# not explained. With MALLOC_MMAP_THRESHOLD_=131072 both terms were about 0.
+CPU_ALLOCATOR_WEIGHT_RETENTION = 2.0
+CPU_ALLOCATOR_ACTIVATION_RETENTION = 0.35
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ def cpu_accelerator() -> Accelerator:
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     peak = torch.get_num_threads() * CPU_PEAK_TFLOPS_PER_THREAD
-    return Accelerator("cpu", ram, peak, 0, "float32")
+    return Accelerator("cpu", ram, peak, CPU_PROCESS_BYTES, "float32")
 
 
 def get_accelerator(name: str) -> Accelerator:

@@ -35,10 +35,27 @@ class MemoryModel:
     counts: ParameterCounts
     lora: LoraConfig
     weight_bytes: int  # bytes per frozen base parameter (2 bf16, 4 fp32)
-    dropout_mask_bytes: int  # 1 on GPU (bool mask), 4 on CPU (float noise)
     attention: str  # sdpa | flash_attention_2 | eager
     seq_len: int
     overhead_bytes: int
+    # Mean tokens of a training example; with packing, a micro-batch fills only as many rows as
+    # its examples need. None: every row is full (micro_batch x seq_len positions).
+    example_tokens: float | None = None
+    packing: bool = True
+    # Share of the positions that are answer tokens (the SFT loss projects only those onto the
+    # vocabulary); 1.0 when unknown.
+    answer_fraction: float = 1.0
+    # Freed blocks the host allocator keeps (CPU only), as fractions of the frozen weights and
+    # of the activations (see planning.hardware).
+    allocator_retention: tuple[float, float] = (0.0, 0.0)
+
+    def positions(self, micro_batch: int) -> int:
+        """Token positions (rows x width) of one micro-batch of ``micro_batch`` examples."""
+        full = micro_batch * self.seq_len
+        if self.example_tokens is None or not self.packing:
+            return full
+        rows = math.ceil(micro_batch * self.example_tokens / self.seq_len)
+        return min(full, rows * self.seq_len)
 
     @property
     def activation_bytes(self) -> int:
@@ -61,12 +78,13 @@ def activation_bytes_per_token(m: MemoryModel) -> dict[str, int]:
       GQA), kv_heads*head_dim with flash_attention_2. eager also keeps the probabilities,
       heads*seq*(4 + a).
     - SwiGLU: gate output, silu(gate), up output: 3*a*I.
-    - LoRA, per targeted linear (in -> out): its input cast to float32 and kept after dropout
-      (4*in), with the dropout mask when dropout > 0: 1*in on GPU (fused kernel, bool), 4*in on
-      CPU (float noise tensor); without dropout the cast copy stays (4*in) unless activations
-      are already float32 (shared, 0). Plus A's output, 4*r.
-    - sdpa with a padding mask: torch turns the boolean [batch, 1, seq, seq] mask into one in
-      the activation dtype per call and keeps it for backward: a*seq per token and layer.
+    - LoRA (``models.lora.DroppedInputLinear``): each adapted layer's input once, in the
+      activation dtype (q/k/v read the first norm's output, gate/up the second's; o_proj reads
+      the attention output, kept by the attention already), a bool dropout mask per adapted
+      layer when dropout > 0 (1*in), and A's output for B's gradient (4*r).
+    - sdpa with a mask (padding, or the block mask of packed rows): torch turns the boolean
+      [batch, 1, seq, seq] mask into one in the activation dtype per call and keeps it for
+      backward: a*seq per token and layer.
 
     Outside the layers: the final norm's float32 input (4h). ``layer_input`` (a*h) is all a
     layer keeps under activation checkpointing.
@@ -80,15 +98,18 @@ def activation_bytes_per_token(m: MemoryModel) -> dict[str, int]:
     elif m.attention == "sdpa":
         attention += a * m.seq_len
     layer = 2 * (4 * s.hidden + 4) + attention + 3 * a * s.intermediate
-    if lora.dropout > 0:
-        per_input = ADAPTER_BYTES + m.dropout_mask_bytes
-    else:
-        per_input = 0 if a == ADAPTER_BYTES else ADAPTER_BYTES
     linears = s.linear_shapes()
-    lora_bytes = sum(
-        per_input * linears[t][0] + ADAPTER_BYTES * lora.r
-        for t in lora.target_modules
-        if t in linears
+    targets = set(lora.target_modules) & set(linears)
+    inputs_kept = 0
+    if targets & {"q_proj", "k_proj", "v_proj"}:
+        inputs_kept += s.hidden
+    if targets & {"gate_proj", "up_proj"}:
+        inputs_kept += s.hidden
+    if "down_proj" in targets:
+        inputs_kept += s.intermediate
+    mask = 1 if lora.dropout > 0 else 0
+    lora_bytes = a * inputs_kept + sum(
+        mask * linears[t][0] + ADAPTER_BYTES * lora.r for t in targets
     )
     return {
         "layer": layer,
@@ -99,7 +120,8 @@ def activation_bytes_per_token(m: MemoryModel) -> dict[str, int]:
 
 
 def activation_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> int:
-    """Activations alive at the start of backward, for ``micro_batch`` rows of ``seq_len``.
+    """Activations alive at the start of backward, for a micro-batch of ``micro_batch`` examples
+    (``MemoryModel.positions``).
 
     Without checkpointing that is every layer's tensors; with it, only each layer's input (the
     layer is recomputed during backward, see ``recompute_memory``).
@@ -109,7 +131,7 @@ def activation_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> 
         per_layer = per_token["layer_input"]
     else:
         per_layer = per_token["layer"] + per_token["layer_lora"]
-    return micro_batch * m.seq_len * (m.shape.layers * per_layer + per_token["outside_layers"])
+    return m.positions(micro_batch) * (m.shape.layers * per_layer + per_token["outside_layers"])
 
 
 def recompute_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> int:
@@ -117,19 +139,20 @@ def recompute_memory(m: MemoryModel, micro_batch: int, checkpointing: bool) -> i
     if not checkpointing:
         return 0
     per_token = activation_bytes_per_token(m)
-    return micro_batch * m.seq_len * (per_token["layer"] + per_token["layer_lora"])
+    return m.positions(micro_batch) * (per_token["layer"] + per_token["layer_lora"])
 
 
 def loss_memory(m: MemoryModel, micro_batch: int, fused: bool = False) -> int:
-    """Logits memory for a micro-batch whose every token is a training target (an upper bound:
-    the SFT loss projects only answer positions).
+    """Logits memory for a micro-batch.
 
-    plain: tokens x vocab x 4 bytes x 3 (log-probs, their gradient, the logits' gradient);
-    fused: one chunk of ``LOSS_CHUNK_TOKENS`` rows x vocab x 4 bytes.
+    plain: every position x vocab x 4 bytes x 3 (log-probs, their gradient, the logits'
+    gradient), as ``model(labels=...)`` computes; fused: the answer positions only
+    (``answer_fraction``), at most ``LOSS_CHUNK_TOKENS`` rows x vocab x 4 bytes at a time.
     """
-    tokens = micro_batch * m.seq_len
+    tokens = m.positions(micro_batch)
     if fused:
-        return min(tokens, LOSS_CHUNK_TOKENS) * m.shape.vocab * 4
+        answers = math.ceil(tokens * m.answer_fraction)
+        return min(answers, LOSS_CHUNK_TOKENS) * m.shape.vocab * 4
     return tokens * m.shape.vocab * 4 * PLAIN_LOSS_FLOAT32_COPIES
 
 
@@ -179,8 +202,12 @@ def strategy_memory(
         # The recomputed layer and the loss's buffers are never alive together (the loss's
         # backward ends before the first layer is recomputed): count only the excess.
         "recompute": max(0, recompute_memory(m, micro_batch, checkpointing) - loss),
+        "allocator": 0,
         "overhead": m.overhead_bytes,
     }
+    of_weights, of_activations = m.allocator_retention
+    live = lines["activations"] + lines["recompute"]
+    lines["allocator"] = math.ceil(of_weights * lines["weights"] + of_activations * live)
     lines["total"] = sum(lines.values())
     return lines
 

@@ -7,7 +7,12 @@ import math
 from multitune.config.schema import RunConfig
 from multitune.planning.architecture import resolve_architecture
 from multitune.planning.communication import communication_per_step
-from multitune.planning.hardware import USABLE_MEMORY_FRACTION, get_accelerator
+from multitune.planning.hardware import (
+    CPU_ALLOCATOR_ACTIVATION_RETENTION,
+    CPU_ALLOCATOR_WEIGHT_RETENTION,
+    USABLE_MEMORY_FRACTION,
+    get_accelerator,
+)
 from multitune.planning.memory import (
     DTYPE_BYTES,
     NF4_BYTES_PER_PARAM,
@@ -43,12 +48,14 @@ def build_plan(
     nodes: int = 1,
     mfu: float = DEFAULT_MFU,
     num_examples: int | None = None,
+    num_answer_tokens: int | None = None,
 ) -> dict:
     """Estimate a run of ``cfg`` on ``nodes`` x ``gpus`` devices of ``gpu_type``; JSON-ready.
 
     ``gpus`` is per node. ``num_tokens`` (training tokens per epoch, see
     ``count_dataset_tokens``) enables time and cost; ``num_examples`` also steps per epoch and
-    ``train.max_steps``. Nothing is downloaded beyond, at most, a hub config.json.
+    ``train.max_steps``, and with ``num_tokens`` the rows a packed micro-batch fills;
+    ``num_answer_tokens`` the rows the fused loss projects. Nothing is downloaded beyond, at most, a hub config.json.
     """
     if gpus < 1 or nodes < 1:
         raise ValueError(f"need at least one GPU and one node (got gpus={gpus}, nodes={nodes})")
@@ -74,10 +81,18 @@ def build_plan(
         counts=counts,
         lora=cfg.lora,
         weight_bytes=DTYPE_BYTES[dtype],
-        dropout_mask_bytes=4 if gpu_type == "cpu" else 1,
         attention=attention,
         seq_len=cfg.data.max_seq_len,
         overhead_bytes=device.overhead_bytes,
+        # With the data's token count, a packed micro-batch fills only the rows it needs.
+        example_tokens=num_tokens / num_examples if num_tokens and num_examples else None,
+        packing=cfg.data.packing,
+        answer_fraction=num_answer_tokens / num_tokens if num_answer_tokens and num_tokens else 1.0,
+        allocator_retention=(
+            (CPU_ALLOCATOR_WEIGHT_RETENTION, CPU_ALLOCATOR_ACTIVATION_RETENTION)
+            if gpu_type == "cpu"
+            else (0.0, 0.0)
+        ),
     )
     usable = int(device.memory_bytes * USABLE_MEMORY_FRACTION)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -124,6 +139,7 @@ def build_plan(
             "max_seq_len": cfg.data.max_seq_len,
             "gradient_checkpointing": checkpointing,
             "tokens_per_step": micro * accum * world * cfg.data.max_seq_len,
+            "positions_per_micro_batch": model.positions(micro),
         },
         "memory": memory,
         "alternatives": {
@@ -325,6 +341,7 @@ def format_plan(plan: dict) -> str:
         ("activations", "activations"),
         ("loss (fused op chunk)", "loss"),
         ("recompute (beyond loss)", "recompute"),
+        ("allocator (CPU: kept)", "allocator"),
         ("overhead", "overhead"),
         ("total", "total"),
     ]

@@ -117,10 +117,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
         model.save_pretrained(out / "base_model")
         tokenizer.save_pretrained(out / "base_model")
 
-    model = apply_lora(model, cfg.lora)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    model = prepare_for_training(model, cfg)
     trainable, total = count_parameters(model)
     log.info(
         "trainable parameters: %s of %s (%.2f%%)",
@@ -184,6 +181,15 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
     tracker.finish()
     log.info("run finished in %.1f s; outputs in %s", time.perf_counter() - started, out)
     return results
+
+
+def prepare_for_training(model, cfg: RunConfig):
+    """Freeze the base and add the LoRA adapters; gradient checkpointing when configured."""
+    model = apply_lora(model, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model
 
 
 def sft_training_data(
