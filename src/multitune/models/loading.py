@@ -12,7 +12,11 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from multitune.config.schema import ModelConfig
 from multitune.models.gguf import converted_folder, gguf_file_of
-from multitune.models.quantization import quantization_config, quantize_in_memory_model
+from multitune.models.quantization import (
+    keep_4bit_weights_in_place,
+    quantization_config,
+    quantize_in_memory_model,
+)
 from multitune.models.tiny import TINY_MODEL_NAME, build_tiny_model, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ def load_model_and_tokenizer(
             if cfg.quantization != "none":
                 model = quantize_in_memory_model(model, cfg, device)
         model.config._attn_implementation = resolve_attn_implementation(cfg, device)
+        keep_4bit_weights_in_place(model)  # a saved quantized base reloads quantized too
         return _to_device(model, device), tokenizer
     source = model_source(cfg, dtype)
     tokenizer = _from_hub(AutoTokenizer, cfg, source)
@@ -84,6 +89,7 @@ def load_model_and_tokenizer(
         ),
     )
     ensure_pad_token(tokenizer, model)
+    keep_4bit_weights_in_place(model)
     return _to_device(model, device), tokenizer
 
 

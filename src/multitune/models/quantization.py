@@ -52,9 +52,26 @@ def quantize_in_memory_model(model: PreTrainedModel, cfg: ModelConfig, device) -
         model.config.save_pretrained(folder)
         model.generation_config.save_pretrained(folder)
         save_model(model, f"{folder}/model.safetensors", metadata={"format": "pt"})
-        return AutoModelForCausalLM.from_pretrained(
+        quantized = AutoModelForCausalLM.from_pretrained(
             folder,
             quantization_config=quantization_config(cfg),
             dtype=model.dtype,
             device_map={"": device},
         )
+    return keep_4bit_weights_in_place(quantized)
+
+
+def keep_4bit_weights_in_place(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn off bitsandbytes' repacking of 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 rewrites a ``Linear4bit``'s packed weight in
+    place, into another layout, on its first forward without gradients in eval mode. That
+    layout needs out_features divisible by 32 (the tiny model's are not: an assertion fails),
+    and it changes the stored bytes under the run: the frozen base would no longer be the one
+    checkpoints, FSDP shards and the merged export assume. The generic 4-bit path is used
+    instead, on every CPU alike.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
