@@ -108,24 +108,28 @@ def test_empty_split_is_a_clear_error_not_a_zero_metric(local_tasks):
 @pytest.mark.slow
 def test_tiny_model_learns_multiple_choice_answered_by_text(tmp_path):
     """answer_format text on the sample's commonsense_qa: the random-init tiny model, which stays
-    at chance answering by letter (README), learns to answer with the right choice's text."""
+    at chance answering by letter (README), learns to answer with the right choice's text.
+
+    It needs the small size: micro stayed at chance (0.14-0.26 after 10 epochs of 400 rows at lr
+    5e-3, 8 or 25 epochs of 900 at 1e-2); small at lr 3e-3 reached 1.00 after 12 epochs of 900.
+    """
     from tests.conftest import SAMPLE
 
     cfg = validate_config(
         {
             "output_dir": str(tmp_path / "run"),
-            "model": {"name": "builtin:tiny-llama", "tiny": {"size": "micro"}},
+            "model": {"name": "builtin:tiny-llama", "tiny": {"size": "small"}},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens"]},
             "tasks": [
                 {
                     "preset": "commonsense_qa",
                     "dataset": str(SAMPLE / "commonsense_qa"),
                     "answer_format": "text",
-                    "max_examples": 400,
+                    "max_examples": 900,
                 }
             ],
             "data": {"max_seq_len": 160},
-            "train": {"epochs": 4, "lr": 5e-3, "micro_batch_size": 16, "progress_bar": False},
+            "train": {"epochs": 5, "lr": 3e-3, "micro_batch_size": 16, "progress_bar": False},
             "eval": {"batch_size": 32, "max_examples": 80},
         }
     )
