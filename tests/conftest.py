@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -86,3 +87,10 @@ def smollm2():
     cfg = ModelConfig(name=SMOLLM2, dtype="float32")
     model, tokenizer = load_model_and_tokenizer(cfg, [], 0, torch.device("cpu"))
     return model.eval(), tokenizer
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

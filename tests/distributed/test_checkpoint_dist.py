@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_checkpoint import LORA_A, build_run, train_steps, trainable  # noqa: E402
@@ -108,15 +108,9 @@ def _worker(rank: int, port: int, root: Path, broken_root: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_checkpoint_commits_whole_tensors_and_reshards_to_one_process(tmp_path, caplog):
     root, broken_root = tmp_path / "ckpt", tmp_path / "broken"
-    mp.spawn(_worker, args=(_free_port(), root, broken_root), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), root, broken_root), nprocs=WORLD_SIZE)
 
     # Resume the 2-rank checkpoint in one unsharded process: DCP reshards, rank 0's RNG returns.
     (path,) = list_committed(root)

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import small_config_dict
+from tests.conftest import free_port, small_config_dict
 from tests.distributed.test_training_dist import (
-    free_port,
     start,
     torchrun_argv,
     wait,

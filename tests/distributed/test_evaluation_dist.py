@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tests.conftest import TEMPLATE_KWARGS
+from tests.conftest import TEMPLATE_KWARGS, free_port
 from tests.unit.test_scoring import tokenized
 
 from multitune.config.schema import LoraConfig, TinyModelConfig
@@ -70,14 +69,8 @@ def _worker(rank: int, port: int, tokenizer, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_that_stop_decoding_at_different_points_stay_in_step(tmp_path, tiny_tokenizer):
-    mp.spawn(_worker, args=(_free_port(), tiny_tokenizer, tmp_path), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), tiny_tokenizer, tmp_path), nprocs=WORLD_SIZE)
     model = model_for_evaluation(tiny_tokenizer)
     steps = []
     for rank in range(WORLD_SIZE):

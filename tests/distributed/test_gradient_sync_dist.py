@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_checkpoint import build_run  # noqa: E402
@@ -94,14 +94,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accumulation_reduces_gradients_once_per_optimizer_step(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), tmp_path), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE)
     counts = json.loads((tmp_path / "counts.json").read_text())
     grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     for strategy in STRATEGIES:

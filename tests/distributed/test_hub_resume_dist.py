@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_checkpoint import save_run  # noqa: E402
@@ -45,12 +45,6 @@ def _worker(rank: int, port: int, root: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_only_local_rank_zero_downloads_the_hub_checkpoint_and_the_other_waits(
     tmp_path, monkeypatch
 ):
@@ -69,7 +63,7 @@ def test_only_local_rank_zero_downloads_the_hub_checkpoint_and_the_other_waits(
         before = len(hub.requests)
 
         root = tmp_path / "pod2" / "checkpoints"
-        mp.spawn(_worker, args=(_free_port(), root), nprocs=WORLD_SIZE)
+        mp.spawn(_worker, args=(free_port(), root), nprocs=WORLD_SIZE)
         requests = hub.requests[before:]
         downloads = [path for method, path in requests if method == "GET" and "/resolve/" in path]
     finally:

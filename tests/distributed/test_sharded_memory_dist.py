@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import free_port
 
 from multitune.config.schema import DistributedConfig, LoraConfig, ModelConfig, TinyModelConfig
 
@@ -65,14 +65,8 @@ def _worker(rank: int, port: int, tokenizer, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sharded_tied_model_holds_the_planned_parameters_once(tmp_path, tiny_tokenizer):
-    mp.spawn(_worker, args=(_free_port(), tiny_tokenizer, tmp_path), nprocs=WORLD_SIZE)
+    mp.spawn(_worker, args=(free_port(), tiny_tokenizer, tmp_path), nprocs=WORLD_SIZE)
     held = json.loads((tmp_path / "held.json").read_text())
     for name in LORAS:
         tied = held[f"{name}/tied"]

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tests.conftest import REPO, small_config_dict
+from tests.conftest import REPO, free_port, small_config_dict
 
 from multitune.checkpoint import read_manifest
 from multitune.config import validate_config
@@ -56,12 +55,6 @@ def run_config(output_dir: Path, **train) -> dict:
     )
     data["eval"].update({"before_training": False, "max_examples": 4})
     return data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env() -> dict:
