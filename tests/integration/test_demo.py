@@ -128,7 +128,7 @@ def test_demo_fine_tuned_adapter_beats_the_base_model_on_every_task(tmp_path, mo
 
     monkeypatch.chdir(REPO)  # the demo's datasets are paths relative to the checkout
     cfg = load_config(
-        REPO / "configs" / "demo.yaml",
+        REPO / "configs" / "demo-tiny.yaml",
         [
             f"output_dir={tmp_path / 'demo'}",
             "tasks.0.max_examples=500",
