@@ -35,6 +35,10 @@ DPO_STEPS = 2
 # 5e-8; SFT on a 4-bit base 8e-8 / 1.3e-7; DPO on a 4-bit base 0 / 3.4e-7.
 LOSS_RTOL = 1e-5
 ADAPTER_ATOL = 1e-5
+# On a 4-bit base every matmul computes in bf16. Since gradients are reduced once per optimizer
+# step (not after every micro-batch), 2 ranks sum a step's gradient in another order than one
+# process, and Adam carries that rounding into the adapter: measured 4.4e-5 for QLoRA SFT.
+QLORA_ADAPTER_ATOL = 1e-4
 
 
 def run_config(output_dir: Path, quantization: str = "none") -> dict:
@@ -84,31 +88,45 @@ def pair_keys(out: Path) -> list[tuple]:
     ]
 
 
-def assert_same_training(stage: Path, reference: Path, steps: int) -> None:
+def assert_same_training(
+    stage: Path,
+    reference: Path,
+    steps: int,
+    adapter_atol: float = ADAPTER_ATOL,
+    loss_rtol: float = LOSS_RTOL,
+) -> None:
     """Per-step losses and the final adapter of ``stage`` match ``reference``'s."""
     ref_losses, got = losses(reference / "metrics.jsonl"), losses(stage / "metrics.jsonl")
     assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))  # rank 0 logs alone
     relative = max(abs(got[s] - ref_losses[s]) / abs(ref_losses[s]) for s in got)
     print(f"{stage}: worst relative loss difference {relative:.1e}")
     for step in got:
-        assert got[step] == pytest.approx(ref_losses[step], rel=LOSS_RTOL), step
+        assert got[step] == pytest.approx(ref_losses[step], rel=loss_rtol), step
     trained, expected = adapter(stage / "adapter"), adapter(reference / "adapter")
     assert trained.keys() == expected.keys()
     worst = max((trained[k] - expected[k]).abs().max().item() for k in trained)
     print(f"{stage}: worst adapter difference {worst:.2e}")
-    assert worst <= ADAPTER_ATOL, worst
+    assert worst <= adapter_atol, worst
     assert max(t.abs().max().item() for n, t in trained.items() if "lora_B" in n) > 1e-3
 
 
-def assert_same_dpo(out: Path, reference: Path) -> None:
+def assert_same_dpo(
+    out: Path,
+    reference: Path,
+    adapter_atol: float = ADAPTER_ATOL,
+    table_rtol: float = 1e-5,
+    loss_rtol: float = LOSS_RTOL,
+) -> None:
     """Same pairs, same reference table, same DPO training and held-out accuracy."""
     assert pair_keys(out) == pair_keys(reference)
     table = torch.load(out / "dpo" / "reference_logprobs.pt", weights_only=True)
     expected = torch.load(reference / "dpo" / "reference_logprobs.pt", weights_only=True)
     # Same tokenized pairs (the starting adapters of two SFT runs differ in the last bits).
     assert table["fingerprint"]["pairs"] == expected["fingerprint"]["pairs"]
-    torch.testing.assert_close(table["logprobs"], expected["logprobs"], rtol=1e-5, atol=1e-5)
-    assert_same_training(out / "dpo", reference / "dpo", DPO_STEPS)
+    torch.testing.assert_close(
+        table["logprobs"], expected["logprobs"], rtol=table_rtol, atol=table_rtol
+    )
+    assert_same_training(out / "dpo", reference / "dpo", DPO_STEPS, adapter_atol, loss_rtol)
     first = json.loads((out / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.693147, abs=1e-4)  # step 1: the reference itself
     preference = json.loads((out / "eval_results.json").read_text())["dpo"]["preference"]
@@ -182,9 +200,15 @@ def test_qlora_sft_sharded_by_fsdp_matches_one_process(qlora_runs):
     one, two = qlora_runs
     base = json.loads((two / "base_model" / "config.json").read_text())
     assert base["quantization_config"]["bnb_4bit_quant_type"] == "nf4"  # really a 4-bit base
-    assert_same_training(two, one, SFT_STEPS)
+    assert_same_training(two, one, SFT_STEPS, QLORA_ADAPTER_ATOL)
 
 
 def test_dpo_on_a_4_bit_base_sharded_by_fsdp_matches_one_process(qlora_runs):
     one, two = qlora_runs
-    assert_same_dpo(two, one)
+    # The starting SFT adapters differ by up to QLORA_ADAPTER_ATOL, so the reference log-probs
+    # (sums of about 60 nats, bf16 compute) and the DPO losses do too: measured 4.9e-5 and
+    # 9.9e-5 relative. Adam's first updates are about lr x sign(gradient): a gradient component
+    # within rounding of zero can take the other sign in the other run, which moves that weight
+    # by 2 x lr in a step (measured 4.0e-3 = 2 x 2e-3, once); the bound allows it every step.
+    dpo_lr = run_config(one)["dpo"]["train"]["lr"]
+    assert_same_dpo(two, one, 2 * dpo_lr * DPO_STEPS, table_rtol=1e-4, loss_rtol=5e-4)
