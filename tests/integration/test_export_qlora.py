@@ -12,6 +12,7 @@ from tests.conftest import small_config_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from multitune import cli
+from multitune.models.quantization import keep_4bit_weights_in_place
 
 PROBE = "Where would you keep the milk? A. fridge B. garage C. oven"
 
@@ -41,7 +42,8 @@ def test_merge_into_a_4_bit_base_is_dequantized_base_plus_adapter(qlora_run):
     )
     assert all(p.dtype == torch.float32 for p in merged.parameters())
 
-    quantized = AutoModelForCausalLM.from_pretrained(run / "base_model")
+    # As multitune loads it: bitsandbytes' in-place CPU repacking off (keep_4bit_weights_in_place).
+    quantized = keep_4bit_weights_in_place(AutoModelForCausalLM.from_pretrained(run / "base_model"))
     packed = quantized.model.layers[0].self_attn.q_proj
     assert isinstance(packed, bnb.nn.Linear4bit)
     peft = PeftModel.from_pretrained(quantized, run / "adapter").eval()

@@ -159,7 +159,7 @@ def test_resume_of_a_finished_run_goes_straight_to_evaluation(uninterrupted, cap
     out = Path(data["output_dir"])
     (out / "eval_results.json").unlink()
     logged = train_steps_logged(out)
-    with caplog.at_level("INFO", logger="multitune.recipes.sft"):
+    with caplog.at_level("INFO", logger="multitune.training.loop"):
         results = sft.run(validate_config(data))
     assert f"resumed from step {TOTAL_STEPS} " in caplog.text
     assert train_steps_logged(out) == logged  # not one step more

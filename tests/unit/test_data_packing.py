@@ -69,7 +69,10 @@ def test_packed_row_losses_and_gradients_equal_each_example_alone(
 
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     for name, grad in grads(model).items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6)
+        # atol 1e-5: LoRA A's gradient is one [out, tokens] @ [tokens, in] product over the
+        # whole packed row; summed in that other order, an element near zero moved by 3e-6
+        # (2 threads, the sdpa one-row case), as the losses are held to 1e-5 too.
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5)
     assert all(g.abs().sum() > 0 for g in reference.values())
 
 
