@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def wandb_records(path: Path) -> list:
         if kind == 0 and length == 0:
             pos += left - 7
             continue
+        if pos + length > len(data):  # a record still being written
+            break
         chunks += data[pos : pos + length]
         pos += length
         if kind in (1, 4):  # FULL or LAST chunk of a record
@@ -48,10 +51,26 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def complete_records(log_file: Path, timeout_s: float = 60.0) -> list:
+    """The records of a finished run. wandb-core's writer may still be flushing the file when
+    ``run.finish()`` has returned (seen once in CI: a second run's file held no records yet), so
+    wait for the run's closing ``exit`` record, and say what was there if it never comes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(log_file)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds:
+            return records
+        if time.monotonic() > deadline:
+            size = log_file.stat().st_size
+            raise AssertionError(f"{log_file} ({size} bytes) has no exit record: {kinds}")
+        time.sleep(0.2)
+
+
 def read_offline_run(run_dir: Path) -> dict:
     (log_file,) = run_dir.glob("run-*.wandb")
     out = {"id": None, "config": {}, "history": []}
-    for record in wandb_records(log_file):
+    for record in complete_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["id"] = record.run.run_id
