@@ -17,9 +17,10 @@
 # end lists every stage's status, and the script exits 1 if any failed. The limits add up to
 # 8 minutes (45 + 150 + 45 + 2 x 100 + 40 s).
 #
-# The wheels (bench/gpu_wheels.sh) are about 78 MB, pyarrow 55 MB of it: more than the device
-# tool's 64 MiB carry. Copy them to an untracked folder git does not ignore (it travels with the
-# working tree) and pass WHEELS=that-folder, or carry only those the machine lacks.
+# The wheels (bench/gpu_wheels.sh): .whl/ (5 MB, what the GPU image lacks) and .whl-pyarrow/
+# (53 MB; datasets needs pyarrow >= 24 and the image's version is not on record). pyarrow is
+# installed only when the machine's is older. Both folders and the 1.4 MB tree fit the device
+# tool's 64 MiB carry:  run(command="bash bench/gpu.sh", carry=[".whl", ".whl-pyarrow"])
 #
 # Usage (repository root):  bash bench/gpu.sh
 # Dry run on CPU (tiny sizes, a 1-layer Llama-3.2-1B shape, every stage's code path):
@@ -28,6 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
+PYARROW_WHEELS=${PYARROW_WHEELS:-.whl-pyarrow}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 DRY_RUN=${DRY_RUN:-0}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -75,15 +77,26 @@ install_missing_wheels() {
             missing+=("$wheel")
         fi
     done
-    echo "${#wheels[@]} wheels in $WHEELS, ${#missing[@]} missing here"
+    # datasets needs pyarrow >= 24: install the carried one over an older or missing pyarrow.
+    if ! "$PYTHON" -c 'import pyarrow, sys; sys.exit(int(pyarrow.__version__.split(".")[0]) < 24)' \
+        2>/dev/null; then
+        local arrow=("$PYARROW_WHEELS"/pyarrow-*.whl)
+        if ((${#arrow[@]} == 0)); then
+            echo "pyarrow here is missing or older than 24 (datasets needs >= 24), and no" \
+                "$PYARROW_WHEELS/pyarrow-*.whl was carried: carry it (bench/gpu_wheels.sh)"
+            return 1
+        fi
+        missing+=("${arrow[@]}")
+    fi
+    echo "${#wheels[@]} wheels in $WHEELS, ${#missing[@]} to install here"
     if ((${#missing[@]})); then
         "$PYTHON" -m pip install --quiet --no-deps --no-index "${missing[@]}"
     fi
-    "$PYTHON" -c 'import datasets, trl, pydantic, rich, sacrebleu, pytest; print("imports ok")'
+    "$PYTHON" -c 'import datasets, trl, pydantic, gguf, rich, sacrebleu, pytest; print("imports ok")'
 }
 
 uptime
-export PYTHON WHEELS
+export PYTHON WHEELS PYARROW_WHEELS
 export -f install_missing_wheels
 stage wheels 45 bash -c install_missing_wheels
 stage doctor 150 "$PYTHON" -m multitune doctor  # builds the C++ extension on first use

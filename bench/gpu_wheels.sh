@@ -9,14 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${DEST:-.whl}
 PYTHON=${PYTHON:-python3}
-# What multitune, its GPU tests and bench/peer_trl.py import beyond the GPU machine's stack.
+# What multitune, its GPU tests and bench/peer_trl.py import that the GPU image lacks. The image
+# ("cuda", package list of 2026-11-17 in the device tool's KINDS.md) already has pyarrow,
+# pandas, xxhash, rich, sacrebleu, scikit-learn, pyyaml, pytest, safetensors and tokenizers, so
+# they stay behind and the folder fits the device tool's 64 MiB carry.
 NAMES=(
-    trl datasets pyarrow dill multiprocess xxhash pandas python-dateutil tzdata
+    trl datasets dill multiprocess gguf
     pydantic pydantic_core annotated-types typing-inspection
-    rich markdown-it-py mdurl Pygments
-    sacrebleu portalocker tabulate colorama lxml regex
-    pytest iniconfig pluggy
 )
+# datasets needs pyarrow >= 24, and the image's pyarrow version is not on record. pyarrow alone
+# is 55 MB, so it goes to its own folder (PYARROW_DEST); gpu.sh says when to carry it instead.
+PYARROW_DEST=${PYARROW_DEST:-.whl-pyarrow}
 pins() {  # NAME==VERSION from constraints.txt (case- and -/_-insensitive)
     local want
     want=$(echo "$1" | tr 'A-Z_' 'a-z-')
@@ -36,9 +39,12 @@ for name in "${NAMES[@]}"; do
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform any -d "$DEST" "$(pins "$name")"
 done
-ls "$DEST"
-# The device tool carries at most 64 MiB of ignored paths; pyarrow alone is 55 MB. Over that,
-# copy the folder to an untracked path git does not ignore (it travels with the working tree) and
-# run gpu.sh with WHEELS=that-path, or drop the wheels the GPU machine already has.
-total=$(du -sm "$DEST" | cut -f1)
-echo "$total MiB in $DEST$( ((total > 64)) && echo ": over the 64 MiB carry limit, see above")"
+mkdir -p "$PYARROW_DEST"
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$PYARROW_DEST" "$(pins pyarrow)"
+ls "$DEST" "$PYARROW_DEST"
+for folder in "$DEST" "$PYARROW_DEST"; do
+    total=$(du -sm "$folder" | cut -f1)
+    echo "$total MiB in $folder$( ((total > 64)) && echo ": over the 64 MiB carry limit")"
+done
