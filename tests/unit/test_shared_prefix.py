@@ -1,0 +1,196 @@
+"""Evaluation that runs a batch's common prompt prefix once predicts exactly what running every
+row whole predicts, on the real tiny model: constrained labels (with their loss), choice letters,
+choice texts, generation; and a batch whose prompts share too little takes the old path."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from tests.conftest import TEMPLATE_KWARGS
+from tests.unit.test_scoring import tokenized
+
+from multitune.config.schema import TinyModelConfig
+from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
+from multitune.evaluation.scoring import (
+    choice_letters,
+    choice_text_scores,
+    constrained_labels,
+    end_of_turn_id,
+    greedy_generate,
+    label_trie,
+)
+from multitune.evaluation.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from multitune.models.lora import decoder_and_head
+from multitune.models.tiny import build_tiny_model
+
+LABELS = ("card_arrival", "card_linking", "Claim", "Not a Claim", "card")
+INSTRUCTION = (
+    "Classify the text. Answer with one of: card_arrival, card_linking, Claim, Not a Claim"
+)
+# Unequal lengths, so the rows' own tokens are left-padded behind the shared prefix.
+TEXTS = ["my card", "where is the card I ordered last week " * 3, "fridge", "a claim " * 5, "x"]
+
+
+@contextmanager
+def decoder_forwards(model):
+    """(batch size, columns) of every decoder forward while inside."""
+    calls = []
+    decoder, _ = decoder_and_head(model)
+    hook = decoder.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def shared_examples(tiny_tokenizer):
+    prompts = [f"{INSTRUCTION}\n\nText: {text}" for text in TEXTS]
+    examples = tokenized(tiny_tokenizer, prompts, ["card", "Claim", "Not a Claim", "card", "x"])
+    num_shared = shared_prefix_length([e.input_ids[: e.prompt_length] for e in examples])
+    assert num_shared >= MIN_SHARED_TOKENS  # the tests below do share
+    return examples
+
+
+@pytest.fixture(scope="module")
+def unshared_examples(tiny_tokenizer):
+    """Bare prompts without the chat template (whose header every templated prompt shares),
+    each starting with a word of its own."""
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    examples = []
+    for index, text in enumerate(TEXTS):
+        prompt = tiny_tokenizer(f"{text} {INSTRUCTION}", add_special_tokens=False)["input_ids"]
+        answer = tiny_tokenizer("card", add_special_tokens=False)["input_ids"] + [end_id]
+        labels = [IGNORE_INDEX] * len(prompt) + answer
+        examples.append(TokenizedExample(prompt + answer, labels, len(prompt), 0, index, False))
+    assert shared_prefix_length([e.input_ids[: e.prompt_length] for e in examples]) == 0
+    return examples
+
+
+def both_ways(model, fn, *args):
+    """fn's result with the prefix shared and not, and the decoder forwards each ran."""
+    results, forwards = [], []
+    for share in (True, False):
+        with decoder_forwards(model) as calls:
+            results.append(fn(*args, share_prefix=share))
+        forwards.append(calls)
+    return results, forwards
+
+
+def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a prompt the others extend
+    assert shared_prefix_length([[1, 2], [1, 2]]) == 1
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[5]]) == 0
+
+
+def test_constrained_labels_and_their_loss_are_the_same_with_a_shared_prefix(
+    model, shared_examples, tiny_tokenizer
+):
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    trie = label_trie(tiny_tokenizer, LABELS, end_id)
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, constrained_labels, model, shared_examples, trie, 3, pad
+    )
+    assert shared[0] == whole[0]
+    assert shared[1]["loss"] == pytest.approx(whole[1]["loss"], rel=1e-5)
+    # Two batches (3 + 2 rows): each ran its prefix once at batch 1, then its rows.
+    prefix_runs = [calls for calls in forwards if calls[0] == 1]
+    assert len(prefix_runs) == 2 and all(c[1] >= MIN_SHARED_TOKENS for c in prefix_runs)
+    assert len(forwards) == len(whole_forwards) + 2
+    assert all(c[0] > 1 for c in whole_forwards if c[1] > 1)
+
+
+def test_text_choices_decode_the_same_with_a_shared_prefix(model, shared_examples, tiny_tokenizer):
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    choices = [("fridge", "garage", "oven"), ("card arrived", "card", "Claim"), LABELS]
+    tries = {
+        e.example_index: label_trie(tiny_tokenizer, choices[e.example_index % 3], end_id)
+        for e in shared_examples
+    }
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, constrained_labels, model, shared_examples, tries, 2, pad
+    )
+    assert shared[0] == whole[0]
+    assert shared[1]["loss"] == pytest.approx(whole[1]["loss"], rel=1e-5)
+    # Batches of 2, 2 and 1 rows: a lone row has nothing to share.
+    assert len(forwards) == len(whole_forwards) + 2
+
+
+def test_choice_letters_are_the_same_with_a_shared_prefix(model, shared_examples, tiny_tokenizer):
+    letters = {e.example_index: ("A", "B", "C") for e in shared_examples}
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, choice_letters, model, shared_examples, letters, tiny_tokenizer, 3, pad
+    )
+    assert shared == whole
+    assert len(forwards) == len(whole_forwards) + 2
+
+
+def test_choice_text_scores_are_the_same_with_a_shared_prefix(
+    model, shared_examples, tiny_tokenizer
+):
+    texts = {
+        e.example_index: ("fridge", "a very long garage door", "oven") for e in shared_examples
+    }
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, choice_text_scores, model, shared_examples, texts, tiny_tokenizer, 6, pad
+    )
+    assert shared.keys() == whole.keys()
+    for index, scores in shared.items():
+        assert scores == pytest.approx(whole[index], rel=1e-5)
+        assert scores.index(max(scores)) == whole[index].index(max(whole[index]))
+    assert len(forwards) > len(whole_forwards)
+
+
+@pytest.fixture(scope="module")
+def generating_model(tiny_tokenizer):
+    """The tiny model with its own random output head: tied to the embeddings, a random model
+    repeats the prompt's last token (whitespace after the assistant header) and generates ''."""
+    model = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=2).eval()
+    torch.manual_seed(2)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model
+
+
+def test_generation_is_the_same_with_a_shared_prefix(
+    generating_model, shared_examples, tiny_tokenizer
+):
+    model = generating_model
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, greedy_generate, model, shared_examples, tiny_tokenizer, end_id, 3, 8
+    )
+    assert shared == whole
+    assert len(set(shared.values())) >= 2 and all(shared.values())  # texts that tell rows apart
+    assert len(forwards) == len(whole_forwards) + 2
+
+
+def test_prompts_that_share_too_little_take_the_unshared_path(
+    model, generating_model, unshared_examples, tiny_tokenizer
+):
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    trie = label_trie(tiny_tokenizer, LABELS, end_id)
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, constrained_labels, model, unshared_examples, trie, 3, pad
+    )
+    assert shared == whole
+    assert forwards == whole_forwards
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        generating_model, greedy_generate, generating_model, unshared_examples, tiny_tokenizer,
+        end_id, 3, 4,
+    )  # fmt: skip
+    assert shared == whole
+    assert forwards == whole_forwards
