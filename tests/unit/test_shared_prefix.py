@@ -1,16 +1,21 @@
 """Evaluation that runs a batch's common prompt prefix once predicts exactly what running every
-row whole predicts, on the real tiny model: constrained labels (with their loss), choice letters,
-choice texts, generation; and a batch whose prompts share too little takes the old path."""
+row whole predicts, on the real tiny model (and SmolLM2, slow): constrained labels (with their
+loss), choice letters, choice texts, generation, and every task kind through the runner; and a
+batch whose prompts share too little takes the old path."""
 
+import json
 from contextlib import contextmanager
 
 import pytest
 import torch
-from tests.conftest import TEMPLATE_KWARGS
+from tests.conftest import SAMPLE, TEMPLATE_KWARGS, small_config_dict
 from tests.unit.test_scoring import tokenized
 
+from multitune.config import validate_config
 from multitune.config.schema import TinyModelConfig
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
+from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
+from multitune.evaluation.runner import evaluate_tasks, predict_answers
 from multitune.evaluation.scoring import (
     choice_letters,
     choice_text_scores,
@@ -194,3 +199,82 @@ def test_prompts_that_share_too_little_take_the_unshared_path(
     )  # fmt: skip
     assert shared == whole
     assert forwards == whole_forwards
+
+
+def every_kind_config(tmp_path, model: dict, max_examples: int, batch_size: int):
+    """The demo's three tasks (multiple choice by text, as the demo has it) plus multiple choice
+    by letter, QA and chat, evaluated in batches of unequal lengths."""
+    chat = tmp_path / "chat" / "train.jsonl"
+    chat.parent.mkdir(parents=True)
+    rows = [
+        [
+            {"role": "user", "content": f"Say hello to {city}."},
+            {"role": "assistant", "content": "Hi"},
+        ]
+        for city in ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Seoul", "Hanoi"] * 5
+    ]
+    chat.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    data = small_config_dict(tmp_path / "run")
+    data["model"] = model
+    data["tasks"][1]["answer_format"] = "text"
+    csqa = str(SAMPLE / "commonsense_qa")
+    data["tasks"] += [
+        {"name": "csqa_letter", "preset": "commonsense_qa", "dataset": csqa},
+        {
+            "name": "csqa_as_qa",
+            "dataset": csqa,
+            "kind": "qa",
+            "columns": {"question": "question", "answer": "answerKey"},
+        },
+        {"name": "chat", "dataset": str(chat.parent), "kind": "chat"},
+    ]
+    data["eval"] = {"batch_size": batch_size, "max_examples": max_examples, "max_new_tokens": 6}
+    return validate_config(data)
+
+
+def assert_evaluation_is_the_same_with_a_shared_prefix(model, tokenizer, tasks, cfg):
+    decoder, _ = decoder_and_head(model)
+    for task in tasks:
+        examples = task.tokenized["validation"][: cfg.eval.max_examples]
+        source = task.examples["validation"]
+        args = (model, tokenizer, task.spec, source, examples, cfg.eval.batch_size)
+        (shared, whole), (forwards, whole_forwards) = both_ways(
+            model, predict_answers, *args, TEMPLATE_KWARGS, cfg.eval.max_new_tokens
+        )
+        name = task.spec.name
+        assert shared[0] == whole[0], name
+        if whole[1] is not None:
+            assert shared[1]["loss"] == pytest.approx(whole[1]["loss"], rel=1e-5), name
+        # Sharing ran: fewer token rows went through the decoder.
+        assert sum(b * n for b, n in forwards) < sum(b * n for b, n in whole_forwards), name
+    shared, whole = (
+        evaluate_tasks(model, tokenizer, tasks, cfg, share_prefix=share) for share in (True, False)
+    )
+    for name, metrics in whole.items():
+        metrics, shared_metrics = dict(metrics), dict(shared[name])
+        for key in ("loss", "perplexity"):
+            assert shared_metrics.pop(key) == pytest.approx(metrics.pop(key), rel=1e-5), name
+        assert shared_metrics == metrics, name
+
+
+def test_every_task_kind_evaluates_the_same_with_a_shared_prefix(tmp_path):
+    from multitune.models.loading import load_model_and_tokenizer
+
+    cfg = every_kind_config(
+        tmp_path, {"name": "builtin:tiny-llama", "tiny": {"size": "nano"}}, 10, 4
+    )
+    tasks = load_tasks(cfg, include_test=False)
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, training_corpus(tasks), cfg.seed, torch.device("cpu")
+    )
+    tokenize_tasks(tasks, tokenizer, cfg)
+    assert_evaluation_is_the_same_with_a_shared_prefix(model.eval(), tokenizer, tasks, cfg)
+
+
+@pytest.mark.slow
+def test_smollm2_evaluates_every_task_kind_the_same_with_a_shared_prefix(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    cfg = every_kind_config(tmp_path, {"name": "builtin:smollm2-135m-instruct"}, 8, 4)
+    tasks = load_tasks(cfg, include_test=False)
+    tokenize_tasks(tasks, tokenizer, cfg)
+    assert_evaluation_is_the_same_with_a_shared_prefix(model, tokenizer, tasks, cfg)
