@@ -13,7 +13,7 @@ from tests.unit.test_scoring import tokenized
 
 from multitune.config import validate_config
 from multitune.config.schema import TinyModelConfig
-from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
+from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_example
 from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.runner import evaluate_tasks, predict_answers
 from multitune.evaluation.scoring import (
@@ -27,6 +27,7 @@ from multitune.evaluation.scoring import (
 from multitune.evaluation.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
 from multitune.models.lora import decoder_and_head
 from multitune.models.tiny import build_tiny_model
+from multitune.tasks.base import Example
 
 LABELS = ("card_arrival", "card_linking", "Claim", "Not a Claim", "card")
 INSTRUCTION = (
@@ -113,6 +114,30 @@ def test_constrained_labels_and_their_loss_are_the_same_with_a_shared_prefix(
     assert len(prefix_runs) == 2 and all(c[1] >= MIN_SHARED_TOKENS for c in prefix_runs)
     assert len(forwards) == len(whole_forwards) + 2
     assert all(c[0] > 1 for c in whole_forwards if c[1] > 1)
+
+
+def test_a_shared_prefix_stops_before_an_earlier_trained_answer(model, tiny_tokenizer):
+    """Multi-turn prompts whose first answer (trained, so in the loss) is the same in every
+    row: sharing it would drop its tokens from the loss, so the prefix stops before it."""
+    end_id = end_of_turn_id(tiny_tokenizer, TEMPLATE_KWARGS)
+    examples = []
+    for index, text in enumerate(TEXTS):
+        messages = (
+            {"role": "user", "content": INSTRUCTION},
+            {"role": "assistant", "content": "Send the text."},
+            {"role": "user", "content": f"Text: {text}"},
+            {"role": "assistant", "content": "card"},
+        )
+        example = Example(task="t", row=index, messages=messages, answer="card")
+        examples.append(tokenize_example(example, tiny_tokenizer, 256, TEMPLATE_KWARGS, 0, index))
+    trie = label_trie(tiny_tokenizer, LABELS, end_id)
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, constrained_labels, model, examples, trie, 3, pad
+    )
+    assert shared[0] == whole[0]
+    assert shared[1]["loss"] == pytest.approx(whole[1]["loss"], rel=1e-5)
+    assert len(forwards) == len(whole_forwards) + 2  # the header before the answer is shared
 
 
 def test_text_choices_decode_the_same_with_a_shared_prefix(model, shared_examples, tiny_tokenizer):

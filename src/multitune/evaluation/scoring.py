@@ -13,7 +13,7 @@ from multitune.data.batching import collate
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
-from multitune.evaluation.shared_prefix import positions, prompt_batch
+from multitune.evaluation.shared_prefix import prompt_batch, real_token_positions
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
@@ -122,7 +122,7 @@ def _prompt_and_gold_forward(
         own_labels = example.labels[num_shared:]
         labels[row, start : start + len(own_labels)] = torch.tensor(own_labels)
     full_mask = torch.cat([prompt.mask, answer_mask], dim=1).to(device)
-    own_positions = positions(full_mask)[:, num_shared:]
+    own_positions = real_token_positions(full_mask)[:, num_shared:]
     out = decoder(
         input_ids=torch.cat([ids, answer_ids], dim=1).to(device),
         attention_mask=full_mask,
@@ -243,7 +243,7 @@ def choice_letters(
         last = decoder(
             input_ids=prompt.ids.to(device),
             attention_mask=mask,
-            position_ids=positions(mask)[:, len(prompt.shared) :],
+            position_ids=real_token_positions(mask)[:, len(prompt.shared) :],
             past_key_values=prompt.cache,
             use_cache=prompt.cache is not None,
         ).last_hidden_state[:, -1]
@@ -299,7 +299,7 @@ def choice_text_scores(
         prompts = [e.input_ids[: e.prompt_length] for e in batch]
         prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix)
         mask = prompt.mask.to(device)
-        own_positions = positions(mask)[:, len(prompt.shared) :]
+        own_positions = real_token_positions(mask)[:, len(prompt.shared) :]
         out = decoder(
             input_ids=prompt.ids.to(device),
             attention_mask=mask,

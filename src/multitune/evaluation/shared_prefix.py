@@ -36,7 +36,7 @@ class PromptBatch:
     cache: DynamicCache | None
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
+def real_token_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only, as training saw them (pads wherever they are)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -65,8 +65,8 @@ def prompt_batch(
     ``MIN_SHARED_TOKENS`` long; at most ``most_shared`` tokens).
 
     Each row's remainder is left-padded behind the prefix, so pads sit between the prefix and
-    the row's own tokens: the mask hides them and ``positions`` skips them, and every row's last
-    prompt token still sits in the last column.
+    the row's own tokens: the mask hides them, ``real_token_positions`` skips them, and every
+    row's last prompt token still sits in the last column.
     """
     num_shared = shared_prefix_length(prompts) if share and len(prompts) > 1 else 0
     if most_shared is not None:
