@@ -282,16 +282,22 @@ def assert_evaluation_is_the_same_with_a_shared_prefix(model, tokenizer, tasks, 
         assert shared_metrics == metrics, name
 
 
-def test_every_task_kind_evaluates_the_same_with_a_shared_prefix(tmp_path):
+# Both attention paths mask the pads between the shared prefix and a row's own tokens.
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_every_task_kind_evaluates_the_same_with_a_shared_prefix(tmp_path, attention):
     from multitune.models.loading import load_model_and_tokenizer
 
-    cfg = every_kind_config(
-        tmp_path, {"name": "builtin:tiny-llama", "tiny": {"size": "nano"}}, 10, 4
-    )
+    tiny = {
+        "name": "builtin:tiny-llama",
+        "tiny": {"size": "nano"},
+        "attn_implementation": attention,
+    }
+    cfg = every_kind_config(tmp_path, tiny, 10, 4)
     tasks = load_tasks(cfg, include_test=False)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, training_corpus(tasks), cfg.seed, torch.device("cpu")
     )
+    assert model.config._attn_implementation == attention
     tokenize_tasks(tasks, tokenizer, cfg)
     assert_evaluation_is_the_same_with_a_shared_prefix(model.eval(), tokenizer, tasks, cfg)
 
