@@ -6,7 +6,8 @@ and two generated kinds the demo has no data for (qa: commonsense_qa's questions
 letter as free text; chat: banking77's texts answered by a sentence naming the intent). For each
 task it times, on the validation split with the demo's evaluation batch size:
 
-- the answer-loss pass alone (one forward over prompt + gold answer, the fused loss op);
+- the answer-loss pass alone (one forward over prompt + gold answer, the fused loss op, every
+  row whole as in training);
 - the whole per-task evaluation `multitune eval` runs (loss, predictions, metrics);
 - the same evaluation without the shared prompt prefix (``share_prefix=False``: every row runs
   its whole prompt), beside it the mean prefix the batches share (tokens) and the speed-up.
@@ -126,7 +127,10 @@ def measurements(cfg, tasks, model, tokenizer):
         if kind == "multiple_choice":
             kind += f" ({task.spec.answer_format})"
         tokens = sum(len(e.input_ids) for e in examples) / len(examples)
-        loss = partial(answer_loss, model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        # The plain loss pass, as training runs it: every row whole.
+        loss = partial(
+            answer_loss, model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, False
+        )
         whole = partial(evaluate_tasks, model, tokenizer, [task], cfg)
         unshared = partial(evaluate_tasks, model, tokenizer, [task], cfg, share_prefix=False)
         # Multiple choice by letter also scores the choice texts, in batches of about

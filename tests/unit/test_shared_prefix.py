@@ -1,7 +1,7 @@
 """Evaluation that runs a batch's common prompt prefix once predicts exactly what running every
 row whole predicts, on the real tiny model (and SmolLM2, slow): constrained labels (with their
-loss), choice letters, choice texts, generation, and every task kind through the runner; and a
-batch whose prompts share too little takes the old path."""
+loss), the answer loss, choice letters, choice texts, generation, and every task kind through
+the runner; and a batch whose prompts share too little takes the old path."""
 
 import json
 from contextlib import contextmanager
@@ -17,6 +17,7 @@ from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_e
 from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
 from multitune.evaluation.runner import evaluate_tasks, predict_answers
 from multitune.evaluation.scoring import (
+    answer_loss,
     choice_letters,
     choice_text_scores,
     constrained_labels,
@@ -116,6 +117,16 @@ def test_constrained_labels_and_their_loss_are_the_same_with_a_shared_prefix(
     assert all(c[0] > 1 for c in whole_forwards if c[1] > 1)
 
 
+def test_answer_loss_is_the_same_with_a_shared_prefix(model, shared_examples, tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, answer_loss, model, shared_examples, 3, pad
+    )
+    assert shared["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert len(forwards) == len(whole_forwards) + 2
+    assert sum(b * n for b, n in forwards) < sum(b * n for b, n in whole_forwards)
+
+
 def test_a_shared_prefix_stops_before_an_earlier_trained_answer(model, tiny_tokenizer):
     """Multi-turn prompts whose first answer (trained, so in the loss) is the same in every
     row: sharing it would drop its tokens from the loss, so the prefix stops before it."""
@@ -138,6 +149,11 @@ def test_a_shared_prefix_stops_before_an_earlier_trained_answer(model, tiny_toke
     assert shared[0] == whole[0]
     assert shared[1]["loss"] == pytest.approx(whole[1]["loss"], rel=1e-5)
     assert len(forwards) == len(whole_forwards) + 2  # the header before the answer is shared
+    (shared, whole), (forwards, whole_forwards) = both_ways(
+        model, answer_loss, model, examples, 3, pad
+    )
+    assert shared["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert len(forwards) == len(whole_forwards) + 2
 
 
 def test_text_choices_decode_the_same_with_a_shared_prefix(model, shared_examples, tiny_tokenizer):

@@ -107,7 +107,8 @@ def _evaluate_task(
         raise TaskDataError(f"task {task.spec.name!r}: the '{split}' split has no examples")
     pad_id = tokenizer.pad_token_id
     if not with_predictions:
-        return {"n": len(examples), **answer_loss(model, examples, cfg.eval.batch_size, pad_id)}
+        loss = answer_loss(model, examples, cfg.eval.batch_size, pad_id, share_prefix)
+        return {"n": len(examples), **loss}
     source = task.examples[split]
     golds = [source[e.example_index].answer for e in examples]
     spec = task.spec
@@ -117,7 +118,7 @@ def _evaluate_task(
         cfg.eval.max_new_tokens, share_prefix,
     )  # fmt: skip
     # Constrained decoding reads the gold answers in its prompt pass and gives the loss too.
-    loss = loss or answer_loss(model, examples, cfg.eval.batch_size, pad_id)
+    loss = loss or answer_loss(model, examples, cfg.eval.batch_size, pad_id, share_prefix)
     result = {"n": len(examples), **loss}
     result["samples"] = sample_predictions(source, examples, preds, golds)
     if spec.kind == "multiple_choice":

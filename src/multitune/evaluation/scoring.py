@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,11 @@ from multitune.data.batching import collate
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
-from multitune.evaluation.shared_prefix import prompt_batch, real_token_positions
+from multitune.evaluation.shared_prefix import (
+    prompt_batch,
+    real_token_positions,
+    shared_prefix_cache,
+)
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
@@ -39,20 +44,52 @@ def lockstep_batches(
     return batches + [None] * (most_over_ranks(len(batches), device) - len(batches))
 
 
+def _most_shared(batch: list[TokenizedExample]) -> int:
+    """The most tokens a shared prefix may take when the pass reads the batch's loss: each
+    labelled token's prediction must come from the rows' own forward, so the prefix ends before
+    the first one (a multi-turn prompt may train earlier answers; a single-turn one labels
+    nothing before the answer)."""
+    return (
+        min(
+            next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+            for e in batch
+        )
+        - 1
+    )
+
+
 @torch.no_grad()
 def answer_loss(
-    model: torch.nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    batch_size: int,
+    pad_id: int,
+    share_prefix: bool = True,
 ) -> dict[str, float]:
-    """Mean loss and perplexity over all answer tokens (token-weighted, like training)."""
+    """Mean loss and perplexity over all answer tokens (token-weighted, like training).
+    ``share_prefix``: the prompts' common prefix runs once per batch (``shared_prefix``), the
+    rest of each row (right-padded) continues from its cache."""
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in by_length(examples, batch_size):
-        tensors = collate(batch, pad_id)
+        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+        shared, cache = shared_prefix_cache(
+            decoder, prompts, device, share_prefix, _most_shared(batch)
+        )
+        n = len(shared)
+        rests = [replace(e, input_ids=e.input_ids[n:], labels=e.labels[n:]) for e in batch]
+        tensors = collate(rests, pad_id)
+        mask = torch.cat(
+            [torch.ones((len(batch), n), dtype=torch.long), tensors["attention_mask"]], 1
+        )
+        mask = mask.to(device)
         hidden = decoder(
             input_ids=tensors["input_ids"].to(device),
-            attention_mask=tensors["attention_mask"].to(device),
-            use_cache=False,
+            attention_mask=mask,
+            position_ids=real_token_positions(mask)[:, n:],
+            past_key_values=cache,
+            use_cache=cache is not None,
         ).last_hidden_state
         targets = next_token_targets(tensors["labels"]).to(device)  # the fused op, as in training
         total += token_losses(hidden, head, targets).sum().item()
@@ -94,21 +131,8 @@ def _prompt_and_gold_forward(
     from its cache.
     """
     decoder, head = decoder_and_head(model)
-    # The loss reads each labelled token's prediction from this forward's hidden states, so
-    # the shared prefix ends before the first labelled token (a multi-turn prompt may train
-    # earlier answers; a single-turn one labels nothing before the answer).
-    first_labelled = min(
-        next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-        for e in batch
-    )
-    prompt = prompt_batch(
-        decoder,
-        [e.input_ids[: e.prompt_length] for e in batch],
-        pad_id,
-        device,
-        share_prefix,
-        most_shared=first_labelled - 1,
-    )
+    prompts = [e.input_ids[: e.prompt_length] for e in batch]
+    prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix, _most_shared(batch))
     num_shared, ids = len(prompt.shared), prompt.ids
     width = max(len(e.input_ids) - e.prompt_length for e in batch)
     answer_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -53,6 +53,29 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return max(shortest - 1, 0)
 
 
+def shared_prefix_cache(
+    decoder: torch.nn.Module,
+    prompts: list[list[int]],
+    device,
+    share: bool,
+    most_shared: int | None = None,
+) -> tuple[list[int], DynamicCache | None]:
+    """The prefix the prompts share and its keys and values, one copy per row, from one batch-1
+    forward; ``([], None)`` unless ``share`` and the prefix is at least ``MIN_SHARED_TOKENS``
+    long (counting at most ``most_shared`` tokens)."""
+    num_shared = shared_prefix_length(prompts) if share and len(prompts) > 1 else 0
+    if most_shared is not None:
+        num_shared = min(num_shared, max(most_shared, 0))
+    # Under a process group the prefix forward runs on every rank or on none: sharded layers
+    # all-gather in each forward, so every rank must run as many.
+    if not share or not all_ranks_done(num_shared >= MIN_SHARED_TOKENS, device):
+        return [], None
+    shared = prompts[0][:num_shared]
+    cache = decoder(input_ids=torch.tensor([shared], device=device), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    return shared, cache
+
+
 def prompt_batch(
     decoder: torch.nn.Module,
     prompts: list[list[int]],
@@ -61,27 +84,13 @@ def prompt_batch(
     share: bool,
     most_shared: int | None = None,
 ) -> PromptBatch:
-    """The batch's prompts, their common prefix already run (when ``share`` and it is at least
-    ``MIN_SHARED_TOKENS`` long; at most ``most_shared`` tokens).
+    """The batch's prompts, their common prefix already run (``shared_prefix_cache``).
 
     Each row's remainder is left-padded behind the prefix, so pads sit between the prefix and
     the row's own tokens: the mask hides them, ``real_token_positions`` skips them, and every
     row's last prompt token still sits in the last column.
     """
-    num_shared = shared_prefix_length(prompts) if share and len(prompts) > 1 else 0
-    if most_shared is not None:
-        num_shared = min(num_shared, max(most_shared, 0))
-    # Under a process group the prefix forward runs on every rank or on none: sharded layers
-    # all-gather in each forward, so every rank must run as many.
-    if share and not all_ranks_done(num_shared >= MIN_SHARED_TOKENS, device):
-        num_shared = 0
-    shared = prompts[0][:num_shared]
-    ids, own_mask = left_pad([p[num_shared:] for p in prompts], pad_id)
-    mask = torch.cat([torch.ones((len(prompts), num_shared), dtype=torch.long), own_mask], dim=1)
-    cache = None
-    if num_shared:
-        cache = decoder(
-            input_ids=torch.tensor([shared], device=device), use_cache=True
-        ).past_key_values
-        cache.batch_repeat_interleave(len(prompts))  # one copy of the prefix per row
+    shared, cache = shared_prefix_cache(decoder, prompts, device, share, most_shared)
+    ids, own_mask = left_pad([p[len(shared) :] for p in prompts], pad_id)
+    mask = torch.cat([torch.ones((len(prompts), len(shared)), dtype=torch.long), own_mask], dim=1)
     return PromptBatch(shared, ids, mask, cache)
