@@ -6,13 +6,17 @@ and two generated kinds the demo has no data for (qa: commonsense_qa's questions
 letter as free text; chat: banking77's texts answered by a sentence naming the intent). For each
 task it times, on the validation split with the demo's evaluation batch size:
 
-- the answer-loss pass alone (one forward over prompt + gold answer, the fused loss op);
-- the whole per-task evaluation `multitune eval` runs (loss, predictions, metrics).
+- the answer-loss pass alone (one forward over prompt + gold answer, the fused loss op, every
+  row whole as in training);
+- the whole per-task evaluation `multitune eval` runs (loss, predictions, metrics);
+- the same evaluation without the shared prompt prefix (``share_prefix=False``: every row runs
+  its whole prompt), beside it the mean prefix the batches share (tokens) and the speed-up.
 
 Constrained decoding (classification, multiple choice by text) reads the gold answers in the
 same forward as the prompts and stops as soon as every row can only become one label, so its
 evaluation should cost about one loss pass: the ratio column shows it. Every measurement runs
 once to warm up, then ``--repeats`` rounds time each in turn; the fastest of each counts.
+Predictions are the same either way (tests/unit/test_shared_prefix.py); only the time differs.
 
 Run: .venv/bin/python bench/eval_speed.py [--threads 2] [--max-examples 64]
 """
@@ -96,8 +100,23 @@ def build(config: Path, max_examples: int, max_new_tokens: int, workdir: Path):
     return cfg, tasks, model, tokenizer
 
 
+def mean_shared_prefix(examples, batch_size: int) -> float:
+    """Prompt tokens the evaluation batches run once instead of once per row (mean over the
+    batches with more than one row; 0 where sharing does not pay, as the scorers decide)."""
+    from multitune.evaluation.scoring import by_length
+    from multitune.evaluation.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+
+    lengths = []
+    for batch in by_length(examples, batch_size):
+        if len(batch) > 1:
+            shared = shared_prefix_length([e.input_ids[: e.prompt_length] for e in batch])
+            lengths.append(shared if shared >= MIN_SHARED_TOKENS else 0)
+    return sum(lengths) / max(len(lengths), 1)
+
+
 def measurements(cfg, tasks, model, tokenizer):
-    """Per task: (task, kind, examples, mean tokens, loss pass, whole evaluation) callables."""
+    """Per task: (task, kind, examples, mean tokens, mean shared prefix, loss pass, evaluation,
+    evaluation without the shared prefix) callables."""
     from multitune.evaluation.runner import evaluate_tasks
     from multitune.evaluation.scoring import answer_loss
 
@@ -108,9 +127,16 @@ def measurements(cfg, tasks, model, tokenizer):
         if kind == "multiple_choice":
             kind += f" ({task.spec.answer_format})"
         tokens = sum(len(e.input_ids) for e in examples) / len(examples)
-        loss = partial(answer_loss, model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        # The plain loss pass, as training runs it: every row whole.
+        loss = partial(
+            answer_loss, model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, False
+        )
         whole = partial(evaluate_tasks, model, tokenizer, [task], cfg)
-        out.append((task.spec.name, kind, len(examples), tokens, loss, whole))
+        unshared = partial(evaluate_tasks, model, tokenizer, [task], cfg, share_prefix=False)
+        # Multiple choice by letter also scores the choice texts, in batches of about
+        # batch_size choice rows; the prefix column shows the prompts' batches.
+        shared = mean_shared_prefix(examples, cfg.eval.batch_size)
+        out.append((task.spec.name, kind, len(examples), tokens, shared, loss, whole, unshared))
     return out
 
 
@@ -150,7 +176,7 @@ def main() -> None:
             args.config, args.max_examples, args.max_new_tokens, Path(tmp)
         )
         measured = measurements(cfg, tasks, model, tokenizer)
-        fns = [fn for row in measured for fn in row[4:]]
+        fns = [fn for row in measured for fn in row[5:]]
         times = fastest_round_robin(fns, args.repeats)
 
     print(
@@ -159,13 +185,17 @@ def main() -> None:
     )
     print()
     print(
-        "| task | kind | examples | tokens/example | loss pass s | evaluation s | examples/s | evaluation / loss pass |"
+        "| task | kind | examples | tokens/example | shared prefix tokens | loss pass s | "
+        "evaluation s | examples/s | evaluation / loss pass | unshared evaluation s | "
+        "unshared examples/s | speed-up from sharing |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (name, kind, n, tokens, *_), loss_s, eval_s in zip(measured, times[0::2], times[1::2]):
+    print("| --- " * 12 + "|")
+    rows = zip(measured, times[0::3], times[1::3], times[2::3])
+    for (name, kind, n, tokens, shared, *_), loss_s, eval_s, unshared_s in rows:
         print(
-            f"| {name} | {kind} | {n} | {tokens:.0f} | {loss_s:.2f} | {eval_s:.2f} | "
-            f"{n / eval_s:.1f} | {eval_s / loss_s:.2f} |"
+            f"| {name} | {kind} | {n} | {tokens:.0f} | {shared:.0f} | {loss_s:.2f} | "
+            f"{eval_s:.2f} | {n / eval_s:.1f} | {eval_s / loss_s:.2f} | {unshared_s:.2f} | "
+            f"{n / unshared_s:.1f} | {unshared_s / eval_s:.2f} |"
         )
 
 

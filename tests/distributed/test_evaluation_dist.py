@@ -1,6 +1,7 @@
 """Evaluation of an FSDP-sharded model on 2 gloo processes whose decoding stops at different
 points (other labels, other example counts, other generation lengths): every rank runs the
-same forwards, so it completes, and each rank's results equal one process's."""
+same forwards, so it completes, and each rank's results equal one process's; with each batch's
+shared prompt prefix run once too (the ranks agree on when)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tests.conftest import TEMPLATE_KWARGS, free_port
 from tests.unit.test_scoring import tokenized
+from tests.unit.test_shared_prefix import decoder_forwards
 
 from multitune.config.schema import LoraConfig, TinyModelConfig
 from multitune.evaluation.scoring import (
@@ -43,17 +45,29 @@ def model_for_evaluation(tokenizer):
     return model.eval()
 
 
-def evaluate(model, tokenizer, rank: int) -> dict:
+def evaluate(model, tokenizer, rank: int, share_prefix: bool = True) -> dict:
     end_id = end_of_turn_id(tokenizer, TEMPLATE_KWARGS)
     pad = tokenizer.pad_token_id
     examples = tokenized(tokenizer, PROMPTS[rank], ["card"] * len(PROMPTS[rank]))
     trie = label_trie(tokenizer, LABELS[rank], end_id)
-    labels, _ = constrained_labels(model, examples, trie, BATCH_SIZE, pad)
-    texts = greedy_generate(model, examples, tokenizer, end_id, BATCH_SIZE, NEW_TOKENS[rank])
+    labels, _ = constrained_labels(model, examples, trie, BATCH_SIZE, pad, share_prefix)
+    texts = greedy_generate(
+        model, examples, tokenizer, end_id, BATCH_SIZE, NEW_TOKENS[rank], share_prefix
+    )
     return {"labels": labels, "texts": texts}
 
 
-def _worker(rank: int, port: int, tokenizer, out: Path) -> None:
+def evaluate_both_ways(model, tokenizer, rank: int) -> dict:
+    """``evaluate`` with the prompt prefix shared and not, and the decoder forwards of each."""
+    record = {}
+    for share in (True, False):
+        with decoder_forwards(model) as calls:
+            results = evaluate(model, tokenizer, rank, share)
+        record[str(share)] = {"results": results, "forwards": len(calls)}
+    return record
+
+
+def _worker(rank: int, port: int, tokenizer, out: Path, run=evaluate) -> None:
     from multitune.distributed.process_group import DistContext
     from multitune.distributed.strategy import apply_strategy
 
@@ -64,7 +78,7 @@ def _worker(rank: int, port: int, tokenizer, out: Path) -> None:
         ctx = DistContext(rank, WORLD_SIZE, rank, WORLD_SIZE, torch.device("cpu"), True)
         model = model_for_evaluation(tokenizer)
         apply_strategy(model, "fsdp", ctx)
-        (out / f"rank{rank}.json").write_text(json.dumps(evaluate(model, tokenizer, rank)))
+        (out / f"rank{rank}.json").write_text(json.dumps(run(model, tokenizer, rank)))
     finally:
         dist.destroy_process_group()
 
@@ -85,3 +99,20 @@ def test_ranks_that_stop_decoding_at_different_points_stay_in_step(tmp_path, tin
         steps.append(max(tokens))
     # The ranks really stopped at different points: their labels differ in length.
     assert steps[0] < steps[1], steps
+
+
+def test_ranks_share_prompt_prefixes_in_step(tmp_path, tiny_tokenizer):
+    mp.spawn(
+        _worker,
+        args=(free_port(), tiny_tokenizer, tmp_path, evaluate_both_ways),
+        nprocs=WORLD_SIZE,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    for rank, record in enumerate(ranks):
+        assert record["True"]["results"] == record["False"]["results"], rank
+    # Every rank ran as many forwards as the other, each way; sharing added one prefix forward
+    # per scorer in the first batch only: both ranks had 2 rows there, while later batches
+    # find a rank with one row or none (nothing to share), so both ranks skip it.
+    assert ranks[0]["True"]["forwards"] == ranks[1]["True"]["forwards"]
+    assert ranks[0]["False"]["forwards"] == ranks[1]["False"]["forwards"]
+    assert ranks[0]["True"]["forwards"] == ranks[0]["False"]["forwards"] + 2

@@ -62,18 +62,20 @@ def evaluate_tasks(
     split: str = "validation",
     with_predictions: bool = True,
     confusion_dir: Path | None = None,
+    share_prefix: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Loss/perplexity for every task; accuracy (+ macro-F1, MCC, confusion) for closed answer
     sets; BLEU/chrF/ROUGE-L (+ exact match, token F1 for QA) from greedy generation otherwise.
     ``confusion_dir`` receives a confusion matrix per classification task (JSON, and PNG when
-    matplotlib is installed)."""
+    matplotlib is installed). ``share_prefix``: run each batch's common prompt prefix once
+    (``shared_prefix``); the predictions are the same either way."""
     was_training = model.training
     model.eval()
     results = {}
     try:
         for task in tasks:
             results[task.spec.name] = _evaluate_task(
-                model, tokenizer, task, cfg, split, with_predictions, confusion_dir
+                model, tokenizer, task, cfg, split, with_predictions, confusion_dir, share_prefix
             )
     finally:
         model.train(was_training)
@@ -85,7 +87,14 @@ def evaluate_tasks(
 
 
 def _evaluate_task(
-    model, tokenizer, task: TaskData, cfg: RunConfig, split: str, with_predictions, confusion_dir
+    model,
+    tokenizer,
+    task: TaskData,
+    cfg: RunConfig,
+    split: str,
+    with_predictions,
+    confusion_dir,
+    share_prefix: bool,
 ):
     if split not in task.tokenized:
         raise TaskDataError(
@@ -98,17 +107,18 @@ def _evaluate_task(
         raise TaskDataError(f"task {task.spec.name!r}: the '{split}' split has no examples")
     pad_id = tokenizer.pad_token_id
     if not with_predictions:
-        return {"n": len(examples), **answer_loss(model, examples, cfg.eval.batch_size, pad_id)}
+        loss = answer_loss(model, examples, cfg.eval.batch_size, pad_id, share_prefix)
+        return {"n": len(examples), **loss}
     source = task.examples[split]
     golds = [source[e.example_index].answer for e in examples]
     spec = task.spec
     template_kwargs = {"date_string": cfg.data.template_date}
     preds, loss = predict_answers(
         model, tokenizer, spec, source, examples, cfg.eval.batch_size, template_kwargs,
-        cfg.eval.max_new_tokens,
+        cfg.eval.max_new_tokens, share_prefix,
     )  # fmt: skip
     # Constrained decoding reads the gold answers in its prompt pass and gives the loss too.
-    loss = loss or answer_loss(model, examples, cfg.eval.batch_size, pad_id)
+    loss = loss or answer_loss(model, examples, cfg.eval.batch_size, pad_id, share_prefix)
     result = {"n": len(examples), **loss}
     result["samples"] = sample_predictions(source, examples, preds, golds)
     if spec.kind == "multiple_choice":
@@ -134,7 +144,9 @@ def _evaluate_task(
         # The same question answered by the choice texts themselves, each scored by its mean
         # token log-prob, in case the model knows the answer but not which letter it has.
         texts = {e.example_index: source[e.example_index].choice_texts for e in examples}
-        scores = choice_text_scores(model, examples, texts, tokenizer, cfg.eval.batch_size, pad_id)
+        scores = choice_text_scores(
+            model, examples, texts, tokenizer, cfg.eval.batch_size, pad_id, share_prefix
+        )
         by_text = []
         for e in examples:
             choice_scores = scores[e.example_index]
@@ -160,32 +172,38 @@ def predict_answers(
     batch_size: int,
     template_kwargs: dict,
     max_new_tokens: int,
+    share_prefix: bool = True,
 ) -> tuple[list[str], dict[str, float] | None]:
     """One predicted answer per tokenized example, as evaluation and ``predict`` score it, and
     the gold answers' loss/perplexity where the same pass computed them (else None).
 
     Classification: greedy decoding constrained to the label set. Multiple choice: the best
     letter in one forward pass (``answer_format: letter``), or decoding constrained to that
-    question's own choice texts (``text``). Chat and QA: greedy generation.
+    question's own choice texts (``text``). Chat and QA: greedy generation. ``share_prefix``:
+    run each batch's common prompt prefix once (``shared_prefix``).
     """
     pad_id = tokenizer.pad_token_id
     candidates = [source[e.example_index].candidates for e in examples]
     if spec.kind == "multiple_choice" and spec.answer_format == "letter":
         by_index = {e.example_index: c for e, c in zip(examples, candidates)}
-        picked = choice_letters(model, examples, by_index, tokenizer, batch_size, pad_id)
+        picked = choice_letters(
+            model, examples, by_index, tokenizer, batch_size, pad_id, share_prefix
+        )
         return [c[picked[e.example_index]] for e, c in zip(examples, candidates)], None
     end_id = end_of_turn_id(tokenizer, template_kwargs)
     if spec.kind == "classification":
         trie = label_trie(tokenizer, spec.label_names, end_id)
-        picked, loss = constrained_labels(model, examples, trie, batch_size, pad_id)
+        picked, loss = constrained_labels(model, examples, trie, batch_size, pad_id, share_prefix)
         return [spec.label_names[picked[e.example_index]] for e in examples], loss
     if spec.kind == "multiple_choice":
         tries = {
             e.example_index: label_trie(tokenizer, c, end_id) for e, c in zip(examples, candidates)
         }
-        picked, loss = constrained_labels(model, examples, tries, batch_size, pad_id)
+        picked, loss = constrained_labels(model, examples, tries, batch_size, pad_id, share_prefix)
         return [c[picked[e.example_index]] for e, c in zip(examples, candidates)], loss
-    texts = greedy_generate(model, examples, tokenizer, end_id, batch_size, max_new_tokens)
+    texts = greedy_generate(
+        model, examples, tokenizer, end_id, batch_size, max_new_tokens, share_prefix
+    )
     return [texts[e.example_index] for e in examples], None
 
 

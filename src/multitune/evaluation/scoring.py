@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from multitune.data.batching import collate, left_pad
+from multitune.data.batching import collate
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
+from multitune.evaluation.shared_prefix import (
+    prompt_batch,
+    real_token_positions,
+    shared_prefix_cache,
+)
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
 
@@ -38,20 +44,52 @@ def lockstep_batches(
     return batches + [None] * (most_over_ranks(len(batches), device) - len(batches))
 
 
+def _most_shared(batch: list[TokenizedExample]) -> int:
+    """The most tokens a shared prefix may take when the pass reads the batch's loss: each
+    labelled token's prediction must come from the rows' own forward, so the prefix ends before
+    the first one (a multi-turn prompt may train earlier answers; a single-turn one labels
+    nothing before the answer)."""
+    return (
+        min(
+            next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+            for e in batch
+        )
+        - 1
+    )
+
+
 @torch.no_grad()
 def answer_loss(
-    model: torch.nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int
+    model: torch.nn.Module,
+    examples: list[TokenizedExample],
+    batch_size: int,
+    pad_id: int,
+    share_prefix: bool = True,
 ) -> dict[str, float]:
-    """Mean loss and perplexity over all answer tokens (token-weighted, like training)."""
+    """Mean loss and perplexity over all answer tokens (token-weighted, like training).
+    ``share_prefix``: the prompts' common prefix runs once per batch (``shared_prefix``), the
+    rest of each row (right-padded) continues from its cache."""
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in by_length(examples, batch_size):
-        tensors = collate(batch, pad_id)
+        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+        shared, cache = shared_prefix_cache(
+            decoder, prompts, device, share_prefix, _most_shared(batch)
+        )
+        n = len(shared)
+        rests = [replace(e, input_ids=e.input_ids[n:], labels=e.labels[n:]) for e in batch]
+        tensors = collate(rests, pad_id)
+        mask = torch.cat(
+            [torch.ones((len(batch), n), dtype=torch.long), tensors["attention_mask"]], 1
+        )
+        mask = mask.to(device)
         hidden = decoder(
             input_ids=tensors["input_ids"].to(device),
-            attention_mask=tensors["attention_mask"].to(device),
-            use_cache=False,
+            attention_mask=mask,
+            position_ids=real_token_positions(mask)[:, n:],
+            past_key_values=cache,
+            use_cache=cache is not None,
         ).last_hidden_state
         targets = next_token_targets(tensors["labels"]).to(device)  # the fused op, as in training
         total += token_losses(hidden, head, targets).sum().item()
@@ -79,18 +117,23 @@ def label_trie(
     return LabelTrie.from_token_sequences(sequences, end_id, label_names=list(names))
 
 
-def _prompt_and_gold_forward(model, batch: list[TokenizedExample], pad_id: int, device):
+def _prompt_and_gold_forward(
+    model, batch: list[TokenizedExample], pad_id: int, device, share_prefix: bool
+):
     """One forward over every example's prompt (left-padded) followed by its gold answer
-    (right-padded): the answer tokens' summed loss, and the next-token logits and KV cache at
-    the prompt's end, where decoding starts.
+    (right-padded): the answer tokens' summed loss, and the next-token logits, KV cache, mask
+    and positions at the prompt's end, where decoding starts.
 
-    Left padding puts every prompt's last token in the same column P - 1, so cropping the cache
-    to P columns leaves exactly the prompts' keys and values: the answer columns come after, and
-    causal attention kept them out of every prompt position.
+    Left padding puts every prompt's last token in the same column, so cropping the cache to
+    the prompt columns leaves exactly the prompts' keys and values: the answer columns come
+    after, and causal attention kept them out of every prompt position. With ``share_prefix``
+    the prompts' common prefix ran once before (``prompt_batch``) and this forward continues
+    from its cache.
     """
     decoder, head = decoder_and_head(model)
     prompts = [e.input_ids[: e.prompt_length] for e in batch]
-    ids, mask = left_pad(prompts, pad_id)
+    prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix, _most_shared(batch))
+    num_shared, ids = len(prompt.shared), prompt.ids
     width = max(len(e.input_ids) - e.prompt_length for e in batch)
     answer_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     answer_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -99,15 +142,16 @@ def _prompt_and_gold_forward(model, batch: list[TokenizedExample], pad_id: int, 
         answer = example.input_ids[example.prompt_length :]
         answer_ids[row, : len(answer)] = torch.tensor(answer)
         answer_mask[row, : len(answer)] = 1
-        start = ids.shape[1] - example.prompt_length
-        labels[row, start : start + len(example.labels)] = torch.tensor(example.labels)
-    full_mask = torch.cat([mask, answer_mask], dim=1).to(device)
-    # Positions count real tokens only, as they did in training.
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        start = ids.shape[1] - (example.prompt_length - num_shared)
+        own_labels = example.labels[num_shared:]
+        labels[row, start : start + len(own_labels)] = torch.tensor(own_labels)
+    full_mask = torch.cat([prompt.mask, answer_mask], dim=1).to(device)
+    own_positions = real_token_positions(full_mask)[:, num_shared:]
     out = decoder(
         input_ids=torch.cat([ids, answer_ids], dim=1).to(device),
         attention_mask=full_mask,
-        position_ids=positions,
+        position_ids=own_positions,
+        past_key_values=prompt.cache,
         use_cache=True,
     )
     hidden, cache = out.last_hidden_state, out.past_key_values
@@ -119,8 +163,8 @@ def _prompt_and_gold_forward(model, batch: list[TokenizedExample], pad_id: int, 
     return (
         logits,
         cache,
-        full_mask[:, :prompt_width],
-        positions[:, :prompt_width],
+        full_mask[:, : num_shared + prompt_width],
+        own_positions[:, :prompt_width],
         loss_sum,
         int((targets != IGNORE_INDEX).sum()),
     )
@@ -137,6 +181,7 @@ def constrained_labels(
     trie: LabelTrie | dict[int, LabelTrie],
     batch_size: int,
     pad_id: int,
+    share_prefix: bool = True,
 ) -> tuple[dict[int, int], dict[str, float]]:
     """Greedy decoding restricted to the label set: (example index -> label index, the gold
     answers' mean loss and perplexity, as ``answer_loss`` gives them).
@@ -146,7 +191,8 @@ def constrained_labels(
     ``trie`` is one trie for all examples (classification), or example index -> its own trie
     (a multiple-choice question's choice texts). Decoding runs batched with the KV cache over
     left-padded prompts. The forward pass that reads the prompts also reads the gold answers
-    behind them, so the answer loss costs no pass of its own.
+    behind them, so the answer loss costs no pass of its own. ``share_prefix``: run the prompts'
+    common prefix once per batch (``shared_prefix``); the predictions are the same either way.
     """
     device = next(model.parameters()).device
     predictions, loss_sum, loss_tokens = {}, 0.0, 0
@@ -160,7 +206,7 @@ def constrained_labels(
         ]
         end_id = first_trie.end_token_id
         logits, cache, mask, positions, batch_loss, batch_tokens = _prompt_and_gold_forward(
-            model, rows, pad_id, device
+            model, rows, pad_id, device, share_prefix
         )
         loss_sum, loss_tokens = loss_sum + batch_loss.item(), loss_tokens + batch_tokens
         generated = [[] for _ in rows]
@@ -202,24 +248,28 @@ def choice_letters(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     pad_id: int,
+    share_prefix: bool = True,
 ) -> dict[int, int]:
     """Multiple choice in one forward pass per question: the highest-scoring choice letter.
 
     Reads the next-token distribution at the answer position and compares the first token of
-    each letter; no generation. Returns example index -> choice index.
+    each letter; no generation. Returns example index -> choice index. ``share_prefix``: run
+    the prompts' common prefix once per batch (``shared_prefix``).
     """
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     first_token = {}  # letter -> its first token id; a handful of letters, tokenized once
     predictions = {}
     for batch in by_length(examples, batch_size):
-        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
+        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+        prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix)
+        mask = prompt.mask.to(device)
         last = decoder(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            # Left padding: positions count real tokens only, as they did in training.
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-            use_cache=False,
+            input_ids=prompt.ids.to(device),
+            attention_mask=mask,
+            position_ids=real_token_positions(mask)[:, len(prompt.shared) :],
+            past_key_values=prompt.cache,
+            use_cache=prompt.cache is not None,
         ).last_hidden_state[:, -1]
         # Each letter's log-probability at the answer position through the fused op: one
         # hidden row per (question, letter), never the [batch, vocab] logits.
@@ -252,6 +302,7 @@ def choice_text_scores(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     pad_id: int,
+    share_prefix: bool = True,
 ) -> dict[int, list[float]]:
     """Length-normalised log-likelihood of each choice's full text as the answer.
 
@@ -260,7 +311,8 @@ def choice_text_scores(
     their length. A question's prompt runs once; its KV cache is copied to one row per choice and
     the choice tokens of every row run in one more pass, right-padded, positions continuing the
     prompt's. About ``batch_size`` choice rows go through each pass. Returns example index ->
-    one score per choice.
+    one score per choice. ``share_prefix``: the questions' common prefix runs once per batch
+    (``shared_prefix``).
     """
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
@@ -268,10 +320,17 @@ def choice_text_scores(
     most_choices = max(len(choice_texts[e.example_index]) for e in examples)
     scores = {}
     for batch in by_length(examples, max(1, batch_size // most_choices)):
-        ids, mask = left_pad([e.input_ids[: e.prompt_length] for e in batch], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        prompts = [e.input_ids[: e.prompt_length] for e in batch]
+        prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix)
+        mask = prompt.mask.to(device)
+        own_positions = real_token_positions(mask)[:, len(prompt.shared) :]
+        out = decoder(
+            input_ids=prompt.ids.to(device),
+            attention_mask=mask,
+            position_ids=own_positions,
+            past_key_values=prompt.cache,
+            use_cache=True,
+        )
         # log p(first answer token) comes from the prompt's last position.
         first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
         owners, answers = [], []
@@ -295,7 +354,7 @@ def choice_text_scores(
         hidden = decoder(
             input_ids=choice_ids.to(device),
             attention_mask=torch.cat([mask[index], choice_mask.to(device)], dim=1),
-            position_ids=positions[index, -1:] + 1 + torch.arange(width, device=device),
+            position_ids=own_positions[index, -1:] + 1 + torch.arange(width, device=device),
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
@@ -321,20 +380,29 @@ def greedy_generate(
     end_id: int,
     batch_size: int,
     max_new_tokens: int,
+    share_prefix: bool = True,
 ) -> dict[int, str]:
     """Batched greedy generation with the KV cache over left-padded prompts.
 
-    Returns example index -> generated text (up to the end-of-turn token).
+    Returns example index -> generated text (up to the end-of-turn token). ``share_prefix``:
+    the prompts' common prefix runs once per batch (``shared_prefix``) and generation starts
+    from its cache.
     """
+    decoder, _ = decoder_and_head(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     texts = {}
     for batch in lockstep_batches(examples, batch_size, device):
         prompts = [[pad_id]] if batch is None else [e.input_ids[: e.prompt_length] for e in batch]
-        ids, mask = left_pad(prompts, pad_id)
+        prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix)
+        # generate takes the whole rows (it skips the columns the cache holds) and derives the
+        # positions from the mask, pads between prefix and row included.
+        shared = torch.tensor(prompt.shared, dtype=torch.long).expand(len(prompts), -1)
+        ids = torch.cat([shared, prompt.ids], dim=1)
         output = model.generate(
             input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            attention_mask=prompt.mask.to(device),
+            past_key_values=prompt.cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=end_id,
