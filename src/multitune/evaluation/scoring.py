@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from multitune.data.batching import collate
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, chat_pieces
 from multitune.distributed.process_group import all_ranks_done, most_over_ranks
 from multitune.evaluation.label_trie import LabelTrie, constrained_greedy_step
 from multitune.evaluation.shared_prefix import (
+    labelled_rows_forward,
+    most_shared_tokens,
     prompt_batch,
     real_token_positions,
-    shared_prefix_cache,
 )
 from multitune.losses.causal_lm import next_token_targets, token_logprobs, token_losses
 from multitune.models.lora import decoder_and_head
@@ -44,20 +43,6 @@ def lockstep_batches(
     return batches + [None] * (most_over_ranks(len(batches), device) - len(batches))
 
 
-def _most_shared(batch: list[TokenizedExample]) -> int:
-    """The most tokens a shared prefix may take when the pass reads the batch's loss: each
-    labelled token's prediction must come from the rows' own forward, so the prefix ends before
-    the first one (a multi-turn prompt may train earlier answers; a single-turn one labels
-    nothing before the answer)."""
-    return (
-        min(
-            next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-            for e in batch
-        )
-        - 1
-    )
-
-
 @torch.no_grad()
 def answer_loss(
     model: torch.nn.Module,
@@ -73,26 +58,8 @@ def answer_loss(
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in by_length(examples, batch_size):
-        prompts = [e.input_ids[: e.prompt_length] for e in batch]
-        shared, cache = shared_prefix_cache(
-            decoder, prompts, device, share_prefix, _most_shared(batch)
-        )
-        n = len(shared)
-        rests = [replace(e, input_ids=e.input_ids[n:], labels=e.labels[n:]) for e in batch]
-        tensors = collate(rests, pad_id)
-        mask = torch.cat(
-            [torch.ones((len(batch), n), dtype=torch.long), tensors["attention_mask"]], 1
-        )
-        mask = mask.to(device)
-        hidden = decoder(
-            input_ids=tensors["input_ids"].to(device),
-            attention_mask=mask,
-            position_ids=real_token_positions(mask)[:, n:],
-            past_key_values=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state
-        targets = next_token_targets(tensors["labels"]).to(device)  # the fused op, as in training
-        total += token_losses(hidden, head, targets).sum().item()
+        hidden, targets = labelled_rows_forward(decoder, batch, pad_id, device, share_prefix)
+        total += token_losses(hidden, head, targets).sum().item()  # the fused op, as in training
         count += int((targets != -100).sum())
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -132,7 +99,7 @@ def _prompt_and_gold_forward(
     """
     decoder, head = decoder_and_head(model)
     prompts = [e.input_ids[: e.prompt_length] for e in batch]
-    prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix, _most_shared(batch))
+    prompt = prompt_batch(decoder, prompts, pad_id, device, share_prefix, most_shared_tokens(batch))
     num_shared, ids = len(prompt.shared), prompt.ids
     width = max(len(e.input_ids) - e.prompt_length for e in batch)
     answer_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -11,13 +11,15 @@ last bits).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
 
-from multitune.data.batching import left_pad
+from multitune.data.batching import collate, left_pad
+from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.distributed.process_group import all_ranks_done
+from multitune.losses.causal_lm import next_token_targets
 
 # Fewer shared tokens than this and the extra batch-1 forward (its fixed cost: a kernel launch
 # per layer on a GPU) saves too little to pay for itself.
@@ -94,3 +96,44 @@ def prompt_batch(
     ids, own_mask = left_pad([p[len(shared) :] for p in prompts], pad_id)
     mask = torch.cat([torch.ones((len(prompts), len(shared)), dtype=torch.long), own_mask], dim=1)
     return PromptBatch(shared, ids, mask, cache)
+
+
+def most_shared_tokens(batch: list[TokenizedExample]) -> int:
+    """The most tokens a shared prefix may take when the pass reads the batch's loss: each
+    labelled token's prediction must come from the rows' own forward, so the prefix ends before
+    the first one (a multi-turn prompt may train earlier answers; a single-turn one labels
+    nothing before the answer)."""
+    return (
+        min(
+            next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+            for e in batch
+        )
+        - 1
+    )
+
+
+def labelled_rows_forward(
+    decoder: torch.nn.Module,
+    batch: list[TokenizedExample],
+    pad_id: int,
+    device,
+    share: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and next-token targets of the batch's rows after their shared prompt prefix
+    (``shared_prefix_cache``; the whole rows when none is shared), right-padded behind it: the
+    answer loss of evaluation and the candidate scores of DPO mining read their labels here."""
+    prompts = [e.input_ids[: e.prompt_length] for e in batch]
+    shared, cache = shared_prefix_cache(decoder, prompts, device, share, most_shared_tokens(batch))
+    n = len(shared)
+    rests = [replace(e, input_ids=e.input_ids[n:], labels=e.labels[n:]) for e in batch]
+    tensors = collate(rests, pad_id)
+    mask = torch.cat([torch.ones((len(batch), n), dtype=torch.long), tensors["attention_mask"]], 1)
+    mask = mask.to(device)
+    hidden = decoder(
+        input_ids=tensors["input_ids"].to(device),
+        attention_mask=mask,
+        position_ids=real_token_positions(mask)[:, n:],
+        past_key_values=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
+    return hidden, next_token_targets(tensors["labels"]).to(device)
