@@ -25,7 +25,13 @@ from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.packing import micro_batch
-from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
+from multitune.data.pipeline import (
+    TaskData,
+    choose_prefix_sharing,
+    load_tasks,
+    tokenize_tasks,
+    training_corpus,
+)
 from multitune.distributed.batches import global_answer_tokens, sum_step_results
 from multitune.distributed.process_group import (
     DistContext,
@@ -108,6 +114,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             cfg.model, training_corpus(tasks), cfg.seed, device
         )
     tokenize_tasks(tasks, tokenizer, cfg)
+    choose_prefix_sharing(tasks, cfg, model.config._attn_implementation)
     if ctx.is_main:
         (out / "data_report.json").write_text(
             json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
@@ -202,13 +209,14 @@ def sft_training_data(
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     pad_id = tokenizer.pad_token_id
+    prefix_lengths = [t.prefix_to_share for t in tasks]
 
     def epoch_items(epoch: int) -> list:
         return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
 
     def collate_ids(ids) -> dict:
         examples = [tasks[t].tokenized["train"][i] for t, i in ids]
-        return micro_batch(examples, pad_id, cfg.data, cfg.seed)
+        return micro_batch(examples, pad_id, cfg.data, cfg.seed, prefix_lengths)
 
     decoder = compiled_decoder(model, cfg.train.compile)
 
