@@ -44,7 +44,7 @@ from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.validation import TrainingEvaluation
 from multitune.hub.card import write_model_card
-from multitune.models.loading import load_model_and_tokenizer
+from multitune.models.loading import load_model_and_tokenizer, resolve_attn_implementation
 from multitune.models.lora import adapters_disabled, apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight.registry import check_preflight
@@ -114,7 +114,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             cfg.model, training_corpus(tasks), cfg.seed, device
         )
     tokenize_tasks(tasks, tokenizer, cfg)
-    choose_prefix_sharing(tasks, cfg, model.config._attn_implementation)
+    choose_prefix_sharing(tasks, cfg, resolve_attn_implementation(cfg.model, device))
     if ctx.is_main:
         (out / "data_report.json").write_text(
             json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
