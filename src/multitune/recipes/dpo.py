@@ -153,6 +153,9 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
             tokenized[split], cfg.data.share_prefix, resolve_attn_implementation(cfg.model, device)
         )
         report[split] = {"pairs": len(split_pairs), "kept": len(tokenized[split])}
+        # Prompt tokens a forward computes once per pair (data.share_prefix); 0: unshared.
+        shared = [p.shared_prompt for p in tokenized[split]]
+        report[split]["mean_shared_prompt_tokens"] = round(sum(shared) / max(1, len(shared)), 2)
         report[split]["dropped"] = dict(dropped)
         if dropped:
             log.warning(
