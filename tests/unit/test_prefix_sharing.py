@@ -174,11 +174,16 @@ def test_shared_losses_and_gradients_equal_unshared(tiny_tokenizer, demo_example
     assert all(g.abs().sum() > 0 for g in reference.values())
 
 
-def test_shared_window_step_equals_unshared(tiny_tokenizer, demo_examples):
-    """accumulate_gradients: token-exact loss, per-task sums and token counts are unchanged."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_window_step_equals_unshared(tiny_tokenizer, demo_examples, checkpointing):
+    """accumulate_gradients: token-exact loss, per-task sums and token counts are unchanged
+    (with gradient checkpointing too, whose recomputed forward gets the same mask)."""
     (bank, qa, claims), prefixes = demo_examples
     examples = bank[:3] + qa[:3] + claims[:2] + bank[3:5]
     model = lora_model(tiny_tokenizer)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     weights = torch.tensor([1.0, 2.0, 0.5])
     pad = tiny_tokenizer.pad_token_id
     data = DataConfig(max_seq_len=1024)
