@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
+import yaml
 from tests.conftest import small_config_dict
 from tests.unit.test_training import grads, lora_model
 
-from multitune.config import ConfigError, validate_config
+from multitune.config import ConfigError, load_config, validate_config
 from multitune.config.schema import DataConfig, LoraConfig
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.data.packing import micro_batch, micro_batches, pack
@@ -111,6 +112,13 @@ def test_share_prefix_true_with_flash_attention_is_a_config_error(tmp_path):
     raw["model"]["attn_implementation"] = "sdpa"
     with pytest.raises(ConfigError, match="share_prefix"):
         validate_config(raw)
+    # Dotted overrides read true/false/auto as YAML does.
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(small_config_dict(tmp_path)))
+    for value, expected in [("true", True), ("false", False), ("auto", "auto")]:
+        assert load_config(path, [f"data.share_prefix={value}"]).data.share_prefix == expected
+    with pytest.raises(ConfigError, match="flash_attention_2 cannot take"):
+        load_config(path, ["data.share_prefix=true", "model.attn_implementation=flash_attention_2"])
 
 
 def test_a_task_sharing_only_its_first_token_runs_unshared(tiny_tokenizer):
