@@ -138,6 +138,9 @@ def test_reference_logprobs_equal_a_frozen_copy_of_the_starting_model(dpo_run):
                 mask = labels != -100
                 expected[pair.index, side] = logps[mask].gather(1, labels[mask, None]).sum()
     torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-3)
+    # data.share_prefix auto: the table was scored with each pair's prompt computed once.
+    report = json.loads((out / "dpo" / "pairs_report.json").read_text())
+    assert report["train"]["mean_shared_prompt_tokens"] > 20
 
 
 def test_rerun_reuses_the_reference_cache_and_the_final_checkpoint(dpo_run, caplog):

@@ -176,6 +176,9 @@ def test_resume_with_changed_lora_rank_is_an_error_naming_the_key(uninterrupted)
     # Keys that only say how long the run goes may change.
     longer = {**data, "train": {**data["train"], "max_steps": TOTAL_STEPS, "epochs": 3}}
     assert sft.choose_resume_checkpoint(validate_config(longer), Path(data["output_dir"]))
+    # So may sharing prompt prefixes, which changes the layout but not the loss.
+    unshared = {**data, "data": {**data["data"], "share_prefix": False}}
+    assert sft.choose_resume_checkpoint(validate_config(unshared), Path(data["output_dir"]))
 
 
 def test_failed_async_checkpoint_write_fails_the_run(tmp_path, monkeypatch):

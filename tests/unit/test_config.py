@@ -184,6 +184,7 @@ PINNED_KEYS = [
     "tasks.*.max_examples",
     "data.max_seq_len",
     "data.packing",
+    "data.share_prefix",
     "data.validation_fraction",
     "data.mixing",
     "data.temperature",

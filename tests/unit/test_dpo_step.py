@@ -1,5 +1,6 @@
 """The DPO window step on the real tiny model: pair-exact accumulation and the loss it optimises."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,13 +11,16 @@ from tests.unit.test_training import grads, lora_model
 
 from multitune.config.schema import DpoConfig, TinyModelConfig
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
+from multitune.data.prefix_sharing import shared_prefix_length
 from multitune.losses.dpo import preference_loss
 from multitune.models.tiny import build_tiny_model
 from multitune.training.dpo_step import (
     FillerPairs,
     TokenizedPair,
     dpo_window_step,
+    pair_logprobs,
     sequence_logprobs,
+    share_pair_prompts,
 )
 
 
@@ -153,3 +157,63 @@ def test_policy_loaded_for_dpo_starts_at_zero_reward_with_lora_dropout(tiny_toke
     with_dropout = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
     step = first_step(with_dropout)
     assert abs(step.chosen_reward_sum.item()) > 1e-3
+
+
+def test_shared_prompt_logprobs_and_window_step_equal_unshared(tiny_tokenizer):
+    """Each pair's prompt computed once, chosen and rejected behind it: the same log-probs,
+    DPO loss and LoRA gradients as both sides run whole."""
+    from tests.unit.test_prefix_sharing import assert_relative_close
+
+    model = lora_model(tiny_tokenizer)
+    pairs = random_pairs(len(tiny_tokenizer))
+    pad = tiny_tokenizer.pad_token_id
+    shared_pairs = share_pair_prompts(pairs, True, "sdpa")
+    # The prompt stops one token before the first answer token (it predicts that token).
+    assert [p.shared_prompt for p in shared_pairs] == [6, 14, 8, 19]
+    cfg = DpoConfig(beta=0.5, sft_weight=0.3)
+    reference = torch.tensor([[-30.0, -31.0], [-60.0, -12.0], [-11.0, -70.0], [-33.0, -35.0]])
+
+    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    with torch.no_grad():
+        plain = sequence_logprobs(model, examples, pad)
+        shared = pair_logprobs(model, shared_pairs, pad)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=0)
+
+    whole = dpo_window_step(model, [pairs[:3], pairs[3:]], reference, cfg, pad)
+    whole_grads = grads(model)
+    model.zero_grad()
+    once = dpo_window_step(model, [shared_pairs[:3], shared_pairs[3:]], reference, cfg, pad)
+    torch.testing.assert_close(once.loss, whole.loss, rtol=1e-5, atol=0)
+    assert once.num_input_tokens == whole.num_input_tokens - (6 + 14 + 8 + 19)
+    for name, grad in grads(model).items():
+        assert_relative_close(grad, whole_grads[name])
+
+
+def test_reference_table_with_shared_prompts_equals_unshared(tiny_tokenizer):
+    from multitune.recipes.dpo import compute_reference_logprobs
+
+    model = lora_model(tiny_tokenizer)
+    pairs = random_pairs(len(tiny_tokenizer))
+    pad = tiny_tokenizer.pad_token_id
+    plain = compute_reference_logprobs(model, pairs, pad, batch_size=3)
+    shared = compute_reference_logprobs(model, share_pair_prompts(pairs, True, "sdpa"), pad, 3)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=0)
+    assert (plain < 0).all()
+
+
+def test_pairs_sharing_one_token_or_under_flash_attention_run_unshared(tiny_tokenizer):
+    pairs = random_pairs(len(tiny_tokenizer))
+    assert share_pair_prompts(pairs, "auto", "flash_attention_2") == pairs
+    assert share_pair_prompts(pairs, False, "sdpa") == pairs
+    one = pairs[1]
+    # The rejected side's prompt differs from its second token on: one token in common.
+    ids = one.rejected.input_ids
+    rejected = dataclasses.replace(one.rejected, input_ids=[ids[0], ids[1] + 1, *ids[2:]])
+    assert shared_prefix_length([one.chosen, rejected]) == 1
+    (lone,) = share_pair_prompts([TokenizedPair(one.chosen, rejected, 0)], True, "sdpa")
+    assert lone.shared_prompt == 0
+    with torch.no_grad():
+        model = lora_model(tiny_tokenizer)
+        logps = pair_logprobs(model, [lone], tiny_tokenizer.pad_token_id)
+        plain = sequence_logprobs(model, [one.chosen, rejected], tiny_tokenizer.pad_token_id)
+    assert torch.equal(logps, plain)

@@ -339,8 +339,16 @@ def test_token_count_matches_the_tokenized_examples(tmp_path):
     tokenize_tasks(tasks, tokenizer, cfg)
     train = tasks[0].tokenized["train"]
     assert counts["num_examples"] == len(train) == 48  # 60 rows minus the 20% validation split
-    assert counts["num_tokens"] == sum(len(e.input_ids) for e in train)
+    assert counts["num_example_tokens"] == sum(len(e.input_ids) for e in train)
     assert counts["vocab_size"] == len(tokenizer)
+    # data.share_prefix auto: one task, micro batch 8 -> 6 micro-batches compute the shared
+    # prefix once each instead of 48 times.
+    prefix = counts["per_task"]["intents"]["shared_prefix_tokens"]
+    assert prefix == tasks[0].shared_prefix > 20
+    assert counts["num_tokens"] == counts["num_example_tokens"] - prefix * (48 - 6)
+    unshared = RunConfig.model_validate({**cfg.model_dump(), "data": {"share_prefix": False}})
+    off = count_dataset_tokens(unshared, cache_dir=tmp_path / "cache")
+    assert off["num_tokens"] == off["num_example_tokens"] == counts["num_example_tokens"]
 
 
 def test_packed_micro_batch_fills_only_the_rows_its_examples_need():

@@ -133,6 +133,13 @@ class DataConfig(Section):
         description="Pack each micro-batch's examples into as few rows of max_seq_len as fit, "
         "each example attending only to itself (no padding).",
     )
+    share_prefix: Literal["auto", True, False] = Field(
+        default="auto",
+        description="Compute the prompt prefix every example of a task starts with once per "
+        "micro-batch, its examples attending to it through a prefix-sharing mask (same loss and "
+        "gradients). auto: on for a task whose shared prefix is at least 25% of its mean tokens, "
+        "off under flash_attention_2 (no custom masks); true: every task with a shared prefix.",
+    )
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     mixing: Literal["proportional", "temperature", "weights"] = "proportional"
     temperature: float = Field(default=1.0, gt=0)
@@ -382,6 +389,16 @@ class RunConfig(Section):
                     f"eval.best_metric {metric!r} names no task of this config; tasks: "
                     f"{', '.join(names)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _share_prefix_needs_a_mask(self) -> RunConfig:
+        if self.data.share_prefix is True and self.model.attn_implementation.startswith("flash"):
+            raise ValueError(
+                "data.share_prefix: true needs a custom attention mask, which "
+                "flash_attention_2 cannot take; set model.attn_implementation: sdpa or "
+                "data.share_prefix: auto (off under flash-attention)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,11 +14,14 @@ flash-attention 2 runs its varlen kernel on the segments. Row padding is a segme
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from multitune.config.schema import DataConfig
 from multitune.data.batching import collate
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
+from multitune.data.prefix_sharing import share_prefixes
 from multitune.ops import plan_packing
 
 
@@ -28,18 +31,30 @@ def micro_batches(
     pad_id: int,
     data: DataConfig,
     seed: int = 0,
+    prefix_lengths: Sequence[int] = (),
 ) -> list[dict[str, torch.Tensor]]:
     """Split one optimizer step's examples into micro-batches, packed when ``data.packing``."""
     return [
-        micro_batch(examples[i : i + micro_batch_size], pad_id, data, seed)
+        micro_batch(examples[i : i + micro_batch_size], pad_id, data, seed, prefix_lengths)
         for i in range(0, len(examples), micro_batch_size)
     ]
 
 
 def micro_batch(
-    examples: list[TokenizedExample], pad_id: int, data: DataConfig, seed: int = 0
+    examples: list[TokenizedExample],
+    pad_id: int,
+    data: DataConfig,
+    seed: int = 0,
+    prefix_lengths: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
-    """One micro-batch of ``examples``: packed when ``data.packing``, else right-padded."""
+    """One micro-batch of ``examples``: packed when ``data.packing``, else right-padded.
+
+    When a task of the micro-batch shares a prefix (``prefix_lengths[task]`` > 0, see
+    ``data.prefix_sharing``), the micro-batch is laid out with each shared prefix once instead,
+    in packed rows whatever ``data.packing`` says.
+    """
+    if prefix_lengths and any(prefix_lengths[e.task_index] for e in examples):
+        return share_prefixes(examples, pad_id, data.max_seq_len, prefix_lengths, seed)
     if not data.packing:
         return collate(examples, pad_id)
     return pack(examples, pad_id, data.max_seq_len, seed)

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from multitune.config.schema import RunConfig, TaskConfig
 from multitune.data.formatting import TokenizedExample, tokenize_example
 from multitune.data.loading import load_split
+from multitune.data.prefix_sharing import prefixes_to_share, shared_prefix_length
 from multitune.data.splitting import split_indices
 from multitune.tasks import KINDS
 from multitune.tasks.base import Example, TaskDataError
@@ -29,6 +30,14 @@ class TaskData:
     tokenized: dict[str, list[TokenizedExample]] = field(default_factory=dict)
     dropped: dict[str, Counter] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
+    # Tokens every training example starts with (``shared_prefix_length``), and the part of
+    # them a micro-batch computes once (``choose_prefix_sharing``; 0: the task runs unshared).
+    shared_prefix: int = 0
+    prefix_to_share: int = 0
+
+    def mean_train_tokens(self) -> float:
+        train = self.tokenized.get("train") or []
+        return sum(len(e.input_ids) for e in train) / max(1, len(train))
 
     def report(self) -> dict:
         return {
@@ -40,6 +49,11 @@ class TaskData:
             "dropped": {s: dict(c) for s, c in self.dropped.items() if c},
             "truncated": {s: n for s, n in self.truncated.items() if n},
             "label_names": list(self.spec.label_names) if self.spec.label_names else None,
+            "shared_prefix": {
+                "tokens": self.shared_prefix,
+                "mean_suffix_tokens": round(self.mean_train_tokens() - self.shared_prefix, 2),
+                "computed_once": self.prefix_to_share > 0,
+            },
         }
 
 
@@ -127,3 +141,20 @@ def tokenize_tasks(
                 f"task {task.spec.name!r}: every training example was dropped "
                 f"({dict(task.dropped['train'])}); raise data.max_seq_len"
             )
+        task.shared_prefix = shared_prefix_length(task.tokenized["train"])
+
+
+def choose_prefix_sharing(tasks: list[TaskData], cfg: RunConfig, attention: str) -> list[int]:
+    """Per task, the prefix tokens a micro-batch computes once (``data.share_prefix``) under
+    the model's resolved ``attention``; recorded on each task for the data report."""
+    shared = prefixes_to_share(
+        cfg.data.share_prefix,
+        attention,
+        [t.shared_prefix for t in tasks],
+        [t.mean_train_tokens() for t in tasks],
+    )
+    for task, prefix in zip(tasks, shared):
+        task.prefix_to_share = prefix
+    on = [f"{t.spec.name} ({p} tokens)" for t, p in zip(tasks, shared) if p]
+    log.info("shared prefixes computed once per micro-batch: %s", ", ".join(on) or "none")
+    return shared

@@ -18,8 +18,7 @@ import torch
 
 from multitune.data.formatting import IGNORE_INDEX
 from multitune.distributed.process_group import DistContext, sum_over_ranks
-from multitune.losses.causal_lm import next_token_targets
-from multitune.training.step import StepResult
+from multitune.training.step import StepResult, micro_batch_targets
 
 T = TypeVar("T")
 
@@ -66,10 +65,7 @@ def _ignored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def global_answer_tokens(ctx: DistContext, micro_batches: list[dict[str, torch.Tensor]]) -> int:
     """Answer tokens of the whole global batch (all ranks): the loss normaliser."""
-    local = sum(
-        int((next_token_targets(mb["labels"], mb.get("position_ids")) != IGNORE_INDEX).sum())
-        for mb in micro_batches
-    )
+    local = sum(int((micro_batch_targets(mb) != IGNORE_INDEX).sum()) for mb in micro_batches)
     return int(sum_over_ranks(ctx, torch.tensor(local, device=ctx.device)).item())
 
 

@@ -11,18 +11,25 @@ from multitune.ops import linear_cross_entropy, linear_token_logprobs
 
 
 def next_token_targets(
-    labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    sequence_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shift labels left by one: position t predicts token t+1; the last position predicts none.
 
     With ``position_ids`` of a packed row (restarting at 0 for each example), the last token of
-    an example predicts nothing either, so no target crosses an example border.
+    an example predicts nothing either, so no target crosses an example border; with
+    ``sequence_index`` (each token's example, as in a prefix-sharing row whose positions do not
+    restart), the border is where that index changes.
     """
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     if position_ids is not None:
         starts_next = position_ids[:, 1:] == 0
         targets[:, :-1] = targets[:, :-1].masked_fill(starts_next, IGNORE_INDEX)
+    if sequence_index is not None:
+        border = sequence_index[:, 1:] != sequence_index[:, :-1]
+        targets[:, :-1] = targets[:, :-1].masked_fill(border, IGNORE_INDEX)
     return targets
 
 

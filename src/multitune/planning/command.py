@@ -75,6 +75,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "those onto the vocabulary (the loss line counts them), and a packed micro-batch "
             f"fills {plan['batch']['positions_per_micro_batch']:,} positions (rows x width)"
         )
+        saved = counts["num_example_tokens"] - counts["num_tokens"]
+        if saved:
+            plan["notes"].append(
+                f"data.share_prefix: shared prompt prefixes computed once per micro-batch save "
+                f"{saved:,} of {counts['num_example_tokens']:,} tokens per epoch "
+                f"({saved / counts['num_example_tokens']:.1%}); the times count the rest"
+            )
     print(
         json.dumps(plan, indent=2) if args.json else format_plan(plan),
         end="\n" if args.json else "",

@@ -12,7 +12,14 @@ import torch
 
 from multitune.config.schema import RunConfig
 from multitune.data.loading import is_local
-from multitune.data.pipeline import load_tasks, tokenize_tasks, training_corpus
+from multitune.data.mixing import epoch_order, task_probabilities
+from multitune.data.pipeline import (
+    TaskData,
+    choose_prefix_sharing,
+    load_tasks,
+    tokenize_tasks,
+    training_corpus,
+)
 from multitune.models.tiny import TINY_MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ def token_count_key(cfg: RunConfig) -> str:
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
         "seed": cfg.seed,
+        # Shared prefixes are computed once per micro-batch: the count depends on its size.
+        "micro_batch_size": cfg.train.micro_batch_size,
         "files": files,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -44,8 +53,13 @@ def token_count_key(cfg: RunConfig) -> str:
 
 def count_dataset_tokens(cfg: RunConfig, cache_dir: Path | None = None) -> dict:
     """Tokens of the tokenized training examples (after the validation split, drops and
-    truncation), as ``{"num_tokens", "num_answer_tokens", "num_examples", "max_example_tokens",
-    "vocab_size", "per_task"}``. Cached as JSON keyed by ``token_count_key``.
+    truncation), as ``{"num_tokens", "num_example_tokens", "num_answer_tokens", "num_examples",
+    "max_example_tokens", "vocab_size", "per_task"}``. Cached as JSON keyed by
+    ``token_count_key``.
+
+    ``num_tokens`` counts the tokens the model computes: with ``data.share_prefix``, a task's
+    shared prefix once per micro-batch holding the task (``prefix_tokens_saved``);
+    ``num_example_tokens`` counts every example whole.
 
     Loads the data and the tokenizer only: the built-in model's tokenizer is trained on the task
     data exactly as ``train`` does; a hub model's tokenizer comes from its cache.
@@ -57,17 +71,25 @@ def count_dataset_tokens(cfg: RunConfig, cache_dir: Path | None = None) -> dict:
     tasks = load_tasks(cfg, include_test=False)
     tokenizer = _load_tokenizer(cfg, training_corpus(tasks))
     tokenize_tasks(tasks, tokenizer, cfg)
+    # The plan assumes sdpa for attn_implementation auto (see build_plan).
+    attention = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    choose_prefix_sharing(tasks, cfg, attention)
+    saved = prefix_tokens_saved(tasks, cfg)
     per_task = {}
-    for task in tasks:
+    for task, task_saved in zip(tasks, saved):
         train = task.tokenized["train"]
+        num_example_tokens = sum(len(e.input_ids) for e in train)
         per_task[task.spec.name] = {
             "num_examples": len(train),
-            "num_tokens": sum(len(e.input_ids) for e in train),
+            "num_tokens": num_example_tokens - task_saved,
+            "num_example_tokens": num_example_tokens,
             "num_answer_tokens": sum(e.num_answer_tokens for e in train),
+            "shared_prefix_tokens": task.prefix_to_share,
         }
     examples = [e for t in tasks for e in t.tokenized["train"]]
     counts = {
         "num_tokens": sum(p["num_tokens"] for p in per_task.values()),
+        "num_example_tokens": sum(p["num_example_tokens"] for p in per_task.values()),
         "num_answer_tokens": sum(p["num_answer_tokens"] for p in per_task.values()),
         "num_examples": len(examples),
         "max_example_tokens": max(len(e.input_ids) for e in examples),
@@ -80,6 +102,28 @@ def count_dataset_tokens(cfg: RunConfig, cache_dir: Path | None = None) -> dict:
     tmp.replace(cache_file)
     log.info("counted %s training tokens; cached in %s", f"{counts['num_tokens']:,}", cache_file)
     return counts
+
+
+def prefix_tokens_saved(tasks: list[TaskData], cfg: RunConfig) -> list[int]:
+    """Per task, the prefix tokens an epoch does not compute: a shared prefix runs once per
+    micro-batch holding the task instead of once per example.
+
+    Counted on the first epoch's mixed order cut into micro-batches of
+    ``train.micro_batch_size`` (one process; a prefix repeated when a micro-batch needs more
+    than one row is not counted).
+    """
+    sizes = [len(t.tokenized["train"]) for t in tasks]
+    weights = [t.sampling_weight for t in cfg.tasks]
+    order = epoch_order(sizes, task_probabilities(sizes, cfg.data, weights), cfg.seed, 0)
+    micro = cfg.train.micro_batch_size
+    examples, micro_batches = [0] * len(tasks), [0] * len(tasks)
+    for start in range(0, len(order), micro):
+        present = {task for task, _ in order[start : start + micro]}
+        for task in present:
+            micro_batches[task] += 1
+    for task, _ in order:
+        examples[task] += 1
+    return [t.prefix_to_share * (n - k) for t, n, k in zip(tasks, examples, micro_batches)]
 
 
 def _load_tokenizer(cfg: RunConfig, corpus: list[str]):

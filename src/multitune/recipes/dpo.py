@@ -47,14 +47,16 @@ from multitune.distributed.strategy import distribute, full_trainable_state
 from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.scoring import by_length
-from multitune.models.loading import load_model_and_tokenizer
+from multitune.models.loading import load_model_and_tokenizer, resolve_attn_implementation
 from multitune.models.lora import adapters_disabled, disable_dropout
 from multitune.training.dpo_step import (
     DpoStepResult,
     FillerPairs,
     TokenizedPair,
     dpo_window_step,
+    pair_logprobs,
     sequence_logprobs,
+    share_pair_prompts,
 )
 from multitune.training.loop import (
     RESUME_FREE_TRAIN_KEYS,
@@ -147,7 +149,13 @@ def _run(cfg: RunConfig, adapter: Path, previous: dict | None, ctx: DistContext)
     tokenized, report = {}, {}
     for split, split_pairs in pairs.items():
         tokenized[split], dropped = preference.tokenize_pairs(split_pairs, tokenizer, cfg)
+        tokenized[split] = share_pair_prompts(
+            tokenized[split], cfg.data.share_prefix, resolve_attn_implementation(cfg.model, device)
+        )
         report[split] = {"pairs": len(split_pairs), "kept": len(tokenized[split])}
+        # Prompt tokens a forward computes once per pair (data.share_prefix); 0: unshared.
+        shared = [p.shared_prompt for p in tokenized[split]]
+        report[split]["mean_shared_prompt_tokens"] = round(sum(shared) / max(1, len(shared)), 2)
         report[split]["dropped"] = dict(dropped)
         if dropped:
             log.warning(
@@ -343,25 +351,51 @@ def compute_reference_logprobs(
     was_training = model.training
     model.eval()
     try:
-        sides = [(p.index, 0, p.chosen) for p in pairs] + [(p.index, 1, p.rejected) for p in pairs]
-        # task_index/example_index carry (side, pair) through the length-sorted batches.
-        examples = [
-            dataclasses.replace(example, task_index=side, example_index=index)
-            for index, side, example in sides
-        ]
-        batches = list(by_length(examples, batch_size))
+        batches, score = reference_batches(model, pairs, pad_id, batch_size)
         rounds = -(-len(batches) // ctx.world_size)
         for number in range(rounds * ctx.world_size)[ctx.rank :: ctx.world_size]:
             if number >= len(batches):
-                sequence_logprobs(model, batches[0], pad_id)  # in step with the other ranks
+                score(batches[0])  # in step with the other ranks
                 continue
-            batch = batches[number]
-            values = sequence_logprobs(model, batch, pad_id).float()
-            for example, value in zip(batch, values):
-                out[example.example_index, example.task_index] = value
+            for (index, side), value in score(batches[number]):
+                out[index, side] = value
     finally:
         model.train(was_training)
     return sum_over_ranks(ctx, out).cpu()
+
+
+def reference_batches(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int):
+    """Length-sorted batches of ``batch_size`` sequences, and the function scoring one batch
+    into ((pair index, side), log-prob) items.
+
+    Pairs with a shared prompt are scored whole, prompt once (``pair_logprobs``), as training
+    scores them; otherwise each side is a sequence of its own.
+    """
+    if any(p.shared_prompt for p in pairs):
+        ordered = sorted(
+            pairs, key=lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids), reverse=True
+        )
+        per_batch = max(1, batch_size // 2)
+        batches = [ordered[i : i + per_batch] for i in range(0, len(ordered), per_batch)]
+
+        def score_pairs(batch):
+            values = pair_logprobs(model, batch, pad_id).float()
+            keys = [(p.index, 0) for p in batch] + [(p.index, 1) for p in batch]
+            return list(zip(keys, values))
+
+        return batches, score_pairs
+    sides = [(p.index, 0, p.chosen) for p in pairs] + [(p.index, 1, p.rejected) for p in pairs]
+    # task_index/example_index carry (side, pair) through the length-sorted batches.
+    examples = [
+        dataclasses.replace(example, task_index=side, example_index=index)
+        for index, side, example in sides
+    ]
+
+    def score_sides(batch):
+        values = sequence_logprobs(model, batch, pad_id).float()
+        return [((e.example_index, e.task_index), v) for e, v in zip(batch, values)]
+
+    return list(by_length(examples, batch_size)), score_sides
 
 
 def reference_logprobs(

@@ -25,7 +25,13 @@ from multitune.config.loader import dump_config
 from multitune.config.schema import RunConfig
 from multitune.data.mixing import epoch_order, task_probabilities
 from multitune.data.packing import micro_batch
-from multitune.data.pipeline import TaskData, load_tasks, tokenize_tasks, training_corpus
+from multitune.data.pipeline import (
+    TaskData,
+    choose_prefix_sharing,
+    load_tasks,
+    tokenize_tasks,
+    training_corpus,
+)
 from multitune.distributed.batches import global_answer_tokens, sum_step_results
 from multitune.distributed.process_group import (
     DistContext,
@@ -38,7 +44,7 @@ from multitune.evaluation.report import print_summary, write_eval_results
 from multitune.evaluation.runner import evaluate_tasks
 from multitune.evaluation.validation import TrainingEvaluation
 from multitune.hub.card import write_model_card
-from multitune.models.loading import load_model_and_tokenizer
+from multitune.models.loading import load_model_and_tokenizer, resolve_attn_implementation
 from multitune.models.lora import adapters_disabled, apply_lora, count_parameters
 from multitune.models.tiny import TINY_MODEL_NAME
 from multitune.preflight.registry import check_preflight
@@ -108,6 +114,7 @@ def _run(cfg: RunConfig, ctx: DistContext) -> dict:
             cfg.model, training_corpus(tasks), cfg.seed, device
         )
     tokenize_tasks(tasks, tokenizer, cfg)
+    choose_prefix_sharing(tasks, cfg, resolve_attn_implementation(cfg.model, device))
     if ctx.is_main:
         (out / "data_report.json").write_text(
             json.dumps({t.spec.name: t.report() for t in tasks}, indent=2)
@@ -202,13 +209,14 @@ def sft_training_data(
     probabilities = task_probabilities(sizes, cfg.data, [t.sampling_weight for t in cfg.tasks])
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     pad_id = tokenizer.pad_token_id
+    prefix_lengths = [t.prefix_to_share for t in tasks]
 
     def epoch_items(epoch: int) -> list:
         return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
 
     def collate_ids(ids) -> dict:
         examples = [tasks[t].tokenized["train"][i] for t, i in ids]
-        return micro_batch(examples, pad_id, cfg.data, cfg.seed)
+        return micro_batch(examples, pad_id, cfg.data, cfg.seed, prefix_lengths)
 
     decoder = compiled_decoder(model, cfg.train.compile)
 

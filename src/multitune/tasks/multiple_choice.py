@@ -15,8 +15,10 @@ from multitune.tasks.base import Example, chat, render_prompt, row_error
 from multitune.tasks.columns import find_column
 from multitune.tasks.spec import TaskSpec
 
-TEMPLATE = "{question}\n\n{choices}\n\nAnswer with the letter of the correct choice."
-TEXT_TEMPLATE = "{question}\n\nChoices:\n{choices}\n\nAnswer with the correct choice."
+# The fixed instruction comes first, so it is part of the prefix every example of the task
+# shares (computed once per micro-batch, data.share_prefix).
+TEMPLATE = "Answer with the letter of the correct choice.\n\n{question}\n\n{choices}"
+TEXT_TEMPLATE = "Answer with the correct choice.\n\n{question}\n\nChoices:\n{choices}"
 TEMPLATES = {"letter": TEMPLATE, "text": TEXT_TEMPLATE}
 
 

@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from multitune.config.schema import DpoConfig
 from multitune.data.batching import collate
 from multitune.data.formatting import TokenizedExample
+from multitune.data.prefix_sharing import (
+    MIN_PREFIX_TOKENS,
+    prefixes_to_share,
+    share_prefixes,
+    shared_prefix_length,
+)
 from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_logprobs
 from multitune.losses.dpo import preference_loss
 from multitune.models.lora import decoder_and_head
+from multitune.training.step import (
+    decoder_inputs,
+    example_sums,
+    micro_batch_targets,
+    sharing_mask_dtype,
+)
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """A preference pair tokenized with the SFT formatting; ``index`` is its reference-table row."""
+    """A preference pair tokenized with the SFT formatting; ``index`` is its reference-table row.
+
+    ``shared_prompt``: leading tokens of both sides that one forward computes once, chosen and
+    rejected behind them (``share_pair_prompts``); 0: each side runs whole.
+    """
 
     chosen: TokenizedExample
     rejected: TokenizedExample
     index: int
+    shared_prompt: int = 0
 
 
 class FillerPairs(list):
@@ -58,6 +75,54 @@ def sequence_logprobs(
     return token_logprobs(hidden, head, targets).sum(dim=1)
 
 
+def share_pair_prompts(
+    pairs: list[TokenizedPair], mode: str | bool, attention: str
+) -> list[TokenizedPair]:
+    """``pairs`` with ``shared_prompt`` set per ``data.share_prefix`` under ``attention``.
+
+    Each pair's prompt is the longest unlabelled prefix its two sides share
+    (``shared_prefix_length``, checked per pair); auto shares when the prompts average at
+    least a quarter of the tokens, as a task's prefix must for SFT.
+    """
+    prompts = [shared_prefix_length([p.chosen, p.rejected]) for p in pairs]
+    sides = [len(e.input_ids) for p in pairs for e in (p.chosen, p.rejected)]
+    mean_prompt = sum(prompts) / max(1, len(prompts))
+    (on,) = prefixes_to_share(mode, attention, [mean_prompt], [sum(sides) / max(1, len(sides))])
+    if not on:
+        return pairs
+    # A pair whose sides share a single token runs unshared, as a task would.
+    return [
+        replace(p, shared_prompt=prompt if prompt >= MIN_PREFIX_TOKENS else 0)
+        for p, prompt in zip(pairs, prompts)
+    ]
+
+
+def pair_logprobs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int) -> torch.Tensor:
+    """Summed answer log-probs [2 x pairs]: every chosen side, then every rejected side.
+
+    Pairs with a ``shared_prompt`` run as one prefix-sharing micro-batch: each prompt once,
+    its two answers behind it (``data.prefix_sharing``); otherwise both sides padded whole.
+    """
+    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if not any(p.shared_prompt for p in pairs):
+        return sequence_logprobs(model, examples, pad_id)
+    # Each pair is its own "task": its prompt is shared by exactly its two sides.
+    n = len(pairs)
+    blocks = [replace(e, task_index=i % n) for i, e in enumerate(examples)]
+    prompts = [p.shared_prompt for p in pairs]
+    # Rows as long as the longest pair laid out shared, so every pair stays one block.
+    longest = max(
+        len(p.chosen.input_ids) + len(p.rejected.input_ids) - p.shared_prompt for p in pairs
+    )
+    batch = share_prefixes(blocks, pad_id, longest, prompts)
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    inputs = decoder_inputs(batch, device, mask_dtype=sharing_mask_dtype(decoder))
+    hidden = decoder(**inputs).last_hidden_state
+    targets = micro_batch_targets(batch).to(device)
+    return example_sums(token_logprobs(hidden, head, targets), batch)
+
+
 def dpo_window_step(
     model: torch.nn.Module,
     micro_batches: list[list[TokenizedPair]],
@@ -89,11 +154,12 @@ def dpo_window_step(
         set_gradient_sync(model, number == len(micro_batches) - 1)  # one reduction per step
         examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         # Chosen and rejected in one forward pass: one decoder call per micro-batch.
-        logps = sequence_logprobs(model, examples, pad_id)
+        logps = pair_logprobs(model, pairs, pad_id)
         if isinstance(pairs, FillerPairs):
             (logps.sum() * 0.0).backward()  # the backward pass the sharded layers wait for
             continue
         num_input_tokens += sum(len(e.input_ids) for e in examples)
+        num_input_tokens -= sum(p.shared_prompt for p in pairs)  # computed once per pair
         n = len(pairs)
         ref = reference[torch.tensor([p.index for p in pairs], device=device)]
         lengths = torch.tensor([e.num_answer_tokens for e in examples], device=device)

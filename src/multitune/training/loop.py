@@ -65,6 +65,11 @@ RESUME_FREE_TRAIN_KEYS = (
 )
 
 
+# ...and this data key: sharing prompt prefixes computes the same loss and gradients (to
+# rounding), so it may be switched on resume, and checkpoints saved before it existed resume.
+RESUME_FREE_DATA_KEYS = ("share_prefix",)
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -241,6 +246,7 @@ def resume_fixed_config(cfg: RunConfig) -> dict:
     dumped = cfg.model_dump(mode="json")
     fixed = {key: dumped[key] for key in RESUME_FIXED_KEYS}
     fixed["train"] = {k: v for k, v in fixed["train"].items() if k not in RESUME_FREE_TRAIN_KEYS}
+    fixed["data"] = {k: v for k, v in fixed["data"].items() if k not in RESUME_FREE_DATA_KEYS}
     return fixed
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from multitune.data.prefix_sharing import prefix_sharing_mask
 from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_losses
 from multitune.models.lora import decoder_and_head
@@ -46,9 +47,7 @@ def accumulate_gradients(
     model_decoder, head = decoder_and_head(model)
     decoder = model_decoder if decoder is None else decoder
     device = task_loss_weights.device
-    targets = [
-        next_token_targets(mb["labels"], mb.get("position_ids")).to(device) for mb in micro_batches
-    ]
+    targets = [micro_batch_targets(mb).to(device) for mb in micro_batches]
     num_tokens = (
         int(sum(int((t != -100).sum()) for t in targets))
         if window_tokens is None
@@ -61,10 +60,11 @@ def accumulate_gradients(
     task_counts = torch.zeros(num_tasks, device=device)
     num_input_tokens = 0
     one_row = uses_flash_attention(model_decoder)
+    mask_dtype = sharing_mask_dtype(model_decoder)
     last = len(micro_batches) - 1
     for number, (mb, target) in enumerate(zip(micro_batches, targets)):
         set_gradient_sync(model, number == last)  # one reduction per optimizer step
-        hidden = decoder(**decoder_inputs(mb, device, one_row)).last_hidden_state
+        hidden = decoder(**decoder_inputs(mb, device, one_row, mask_dtype)).last_hidden_state
         hidden = hidden.view(*target.shape, -1)  # back to [rows, T, H] after a one-row forward
         num_input_tokens += count_input_tokens(mb)
         losses = token_losses(hidden, head, target)  # [rows, T]
@@ -89,8 +89,30 @@ def uses_flash_attention(decoder: torch.nn.Module) -> bool:
     return str(getattr(decoder.config, "_attn_implementation", "")).startswith("flash")
 
 
-def decoder_inputs(mb: dict[str, torch.Tensor], device, one_row: bool = False) -> dict:
-    """Keyword arguments of the decoder for a padded or a packed micro-batch.
+def sharing_mask_dtype(decoder: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a prefix-sharing mask for ``decoder``: None (boolean) for sdpa, the model's
+    float dtype (additive) for eager attention, which adds the mask to its scores."""
+    if str(getattr(decoder.config, "_attn_implementation", "")) == "sdpa":
+        return None
+    return decoder.dtype
+
+
+def micro_batch_targets(mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a padded, packed or prefix-sharing micro-batch."""
+    if "block_index" in mb:
+        # Suffix positions continue from their prefix: example borders are where the token's
+        # example changes (a prefix's last position predicts nothing either).
+        return next_token_targets(mb["labels"], sequence_index=mb["sequence_index"])
+    return next_token_targets(mb["labels"], mb.get("position_ids"))
+
+
+def decoder_inputs(
+    mb: dict[str, torch.Tensor],
+    device,
+    one_row: bool = False,
+    mask_dtype: torch.dtype | None = None,
+) -> dict:
+    """Keyword arguments of the decoder for a padded, a packed or a prefix-sharing micro-batch.
 
     ``one_row`` lays a packed micro-batch's rows end to end and passes the example borders as
     ``cu_seq_lens_*``: flash-attention runs its varlen kernel on them (transformers only
@@ -100,6 +122,15 @@ def decoder_inputs(mb: dict[str, torch.Tensor], device, one_row: bool = False) -
     """
     # No KV cache: training never reuses it, and transformers only reads position restarts as
     # example borders when there is none.
+    if "block_index" in mb:
+        # An explicit 4D mask: transformers passes it to the attention as it is.
+        assert not one_row, "flash-attention takes no prefix-sharing mask"
+        return {
+            "input_ids": mb["input_ids"].to(device),
+            "position_ids": mb["position_ids"].to(device),
+            "attention_mask": prefix_sharing_mask(mb, device, mask_dtype),
+            "use_cache": False,
+        }
     if "position_ids" in mb:
         # Packed: no attention mask, so transformers isolates the examples by position restarts.
         ids, positions = mb["input_ids"], mb["position_ids"]
@@ -124,7 +155,9 @@ def decoder_inputs(mb: dict[str, torch.Tensor], device, one_row: bool = False) -
 
 
 def count_input_tokens(mb: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens of a padded or packed micro-batch."""
+    """Non-pad tokens of a padded or packed micro-batch (a shared prefix counts once)."""
+    if "block_index" in mb:
+        return int((mb["block_index"] >= 0).sum())
     if "sequence_index" in mb:
         return int((mb["sequence_index"] >= 0).sum())
     return int(mb["attention_mask"].sum())
