@@ -25,7 +25,11 @@ from multitune.evaluation.scoring import (
     greedy_generate,
     label_trie,
 )
-from multitune.evaluation.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from multitune.evaluation.shared_prefix import (
+    MIN_SHARED_TOKENS,
+    prefix_sharing_allowed,
+    shared_prefix_length,
+)
 from multitune.models.lora import decoder_and_head
 from multitune.models.tiny import build_tiny_model
 from multitune.tasks.base import Example
@@ -325,3 +329,19 @@ def test_smollm2_evaluates_every_task_kind_the_same_with_a_shared_prefix(tmp_pat
     tasks = load_tasks(cfg, include_test=False)
     tokenize_tasks(tasks, tokenizer, cfg)
     assert_evaluation_is_the_same_with_a_shared_prefix(model, tokenizer, tasks, cfg)
+
+
+@pytest.mark.parametrize(
+    "attn, setting, shares",
+    [
+        ("sdpa", "auto", True),
+        ("eager", "auto", True),
+        ("flash_attention_2", "auto", False),
+        ("flash_attention_2", True, True),
+        ("sdpa", False, False),
+    ],
+)
+def test_evaluation_follows_data_share_prefix(tiny_tokenizer, attn, setting, shares):
+    model = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=0)
+    model.config._attn_implementation = attn
+    assert prefix_sharing_allowed(model, setting) is shares

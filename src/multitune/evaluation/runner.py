@@ -21,6 +21,7 @@ from multitune.evaluation.scoring import (
     greedy_generate,
     label_trie,
 )
+from multitune.evaluation.shared_prefix import prefix_sharing_allowed
 from multitune.tasks.base import Example, TaskDataError
 from multitune.tasks.spec import TaskSpec
 
@@ -62,13 +63,17 @@ def evaluate_tasks(
     split: str = "validation",
     with_predictions: bool = True,
     confusion_dir: Path | None = None,
-    share_prefix: bool = True,
+    share_prefix: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Loss/perplexity for every task; accuracy (+ macro-F1, MCC, confusion) for closed answer
     sets; BLEU/chrF/ROUGE-L (+ exact match, token F1 for QA) from greedy generation otherwise.
     ``confusion_dir`` receives a confusion matrix per classification task (JSON, and PNG when
     matplotlib is installed). ``share_prefix``: run each batch's common prompt prefix once
-    (``shared_prefix``); the predictions are the same either way."""
+    (``shared_prefix``); the predictions are the same either way. Unset: as
+    ``data.share_prefix`` says (``auto``: on, but off under flash-attention, where rows padded
+    between prefix and prompt are not checked yet)."""
+    if share_prefix is None:
+        share_prefix = prefix_sharing_allowed(model, cfg.data.share_prefix)
     was_training = model.training
     model.eval()
     results = {}

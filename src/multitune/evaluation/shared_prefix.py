@@ -38,6 +38,16 @@ class PromptBatch:
     cache: DynamicCache | None
 
 
+def prefix_sharing_allowed(model: torch.nn.Module, setting: str | bool = "auto") -> bool:
+    """Whether evaluation shares prompt prefixes under ``data.share_prefix`` = ``setting``:
+    ``auto`` is on except under flash-attention, where rows padded between the prefix and their
+    own tokens have not been checked against the unshared path (no GPU so far)."""
+    if setting is False:
+        return False
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return setting is True or not attn.startswith("flash")
+
+
 def real_token_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only, as training saw them (pads wherever they are)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)

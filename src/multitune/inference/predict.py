@@ -24,6 +24,7 @@ from multitune.config import TaskConfig, validate_config
 from multitune.data.formatting import IGNORE_INDEX, TokenizedExample, render_chat, tokenize_example
 from multitune.evaluation.runner import predict_answers
 from multitune.evaluation.scoring import end_of_turn_id, greedy_generate
+from multitune.evaluation.shared_prefix import prefix_sharing_allowed
 from multitune.inference.loading import InferenceError, LoadedModel
 from multitune.tasks import KINDS
 
@@ -128,7 +129,7 @@ def predict_task_rows(
         tokenized.append(result)
     preds, _ = predict_answers(
         loaded.model, loaded.tokenizer, spec, examples, tokenized, batch_size,
-        loaded.template_kwargs, max_new_tokens,
+        loaded.template_kwargs, max_new_tokens, prefix_sharing_allowed(loaded.model),
     )  # fmt: skip
     return preds, [e.answer for e in examples]
 
