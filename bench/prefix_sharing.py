@@ -5,9 +5,14 @@ untrained) and times ``accumulate_gradients`` over the same optimizer steps (the
 mixed order, ``train.micro_batch_size`` x ``train.grad_accum`` examples each) laid out twice:
 unshared (packed or padded per ``data.packing``) and with each task's shared prefix computed
 once per micro-batch. Each layout runs ``--warmup`` untimed steps, then the two alternate over
-``--steps`` timed steps; it prints the tokens each computes and the median seconds per step.
+``--steps`` timed steps; it prints the tokens each computes, the median seconds per step and the
+throughput in the tokens the examples stand for (every example's full length, on both sides).
+``--dpo``: the same for DPO window steps (``dpo.train`` micro-batches) on pairs of the tasks with
+a random wrong answer as the rejected one, each pair's prompt shared or not; pairs/s.
 
-Run: .venv/bin/python bench/prefix_sharing.py [--device cuda] [--steps 20] [--threads 2]
+The last line reads ``share_prefix: throughput ratio R.RRx`` (shared over unshared).
+
+Run: .venv/bin/python bench/prefix_sharing.py [--dpo] [--device cuda] [--steps 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per layout")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per layout first")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dpo", action="store_true", help="time DPO window steps instead")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for train")
     args = parser.parse_args()
 
@@ -57,6 +63,8 @@ def main() -> None:
     shared = choose_prefix_sharing(tasks, cfg, resolve_attn_implementation(cfg.model, device))
     model = prepare_for_training(model, cfg).to(device)
 
+    if args.dpo:
+        return time_dpo(model, tokenizer, tasks, cfg, device, args)
     sizes = [len(t.tokenized["train"]) for t in tasks]
     weights = [t.sampling_weight for t in cfg.tasks]
     order = epoch_order(sizes, task_probabilities(sizes, cfg.data, weights), cfg.seed, 0)
@@ -93,10 +101,69 @@ def main() -> None:
             if number >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     print(f"shared prefixes: {dict(zip((t.spec.name for t in tasks), shared))}")
+    example_tokens = sum(
+        len(tasks[t].tokenized["train"][i].input_ids)
+        for ids in steps[args.warmup :]
+        for t, i in ids
+    )
+    rates = {}
     for name, batches in layouts.items():
         tokens = sum(count_input_tokens(mb) for window in batches for mb in window)
-        median = statistics.median(times[name]) if times[name] else float("nan")
-        print(f"{name:9s} {tokens:9,d} tokens computed  {median:.3f} s/step (median)")
+        rates[name] = example_tokens / sum(times[name])
+        print(
+            f"{name:9s} {tokens:9,d} tokens computed  {statistics.median(times[name]):.3f} s/step "
+            f"(median)  {rates[name]:7.0f} example tokens/s"
+        )
+    print(f"share_prefix: throughput ratio {rates['shared'] / rates['unshared']:.2f}x")
+
+
+def time_dpo(model, tokenizer, tasks, cfg, device, args) -> None:
+    """DPO window steps over the same pairs with each pair's prompt shared and not: pairs/s."""
+    import torch
+
+    from multitune.data import preference
+    from multitune.models.loading import resolve_attn_implementation
+    from multitune.training.dpo_step import dpo_window_step, share_pair_prompts
+
+    cfg = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"negatives": "random"})})
+    pairs, _ = preference.tokenize_pairs(
+        preference.task_pairs(model, tokenizer, tasks, cfg)["train"], tokenizer, cfg
+    )
+    attn = resolve_attn_implementation(cfg.model, device)
+    layouts = {
+        "unshared": share_pair_prompts(pairs, False, attn),
+        "shared": share_pair_prompts(pairs, True, attn),
+    }
+    micro, per_step = (
+        cfg.dpo.train.micro_batch_size,
+        cfg.dpo.train.micro_batch_size * cfg.dpo.train.grad_accum,
+    )
+    reference = torch.zeros(len(pairs), 2, device=device)  # the step's cost does not depend on it
+    pad = tokenizer.pad_token_id
+    times = {name: [] for name in layouts}
+    for number in range(args.warmup + args.steps):
+        for name, layout in layouts.items():
+            window = layout[number * per_step : (number + 1) * per_step]
+            micro_batches = [window[i : i + micro] for i in range(0, len(window), micro)]
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            dpo_window_step(model, micro_batches, reference, cfg.dpo, pad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if number >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    shared = [p.shared_prompt for p in layouts["shared"]]
+    print(f"DPO pairs: {len(pairs)}, mean shared prompt tokens {sum(shared) / len(shared):.1f}")
+    rates = {}
+    for name in layouts:
+        rates[name] = args.steps * per_step / sum(times[name])
+        print(
+            f"{name:9s} {statistics.median(times[name]):.3f} s/step (median)  "
+            f"{rates[name]:6.2f} pairs/s"
+        )
+    print(f"share_prefix: throughput ratio {rates['shared'] / rates['unshared']:.2f}x")
 
 
 if __name__ == "__main__":
