@@ -45,7 +45,7 @@ def test_training_steps_compute_fewer_tokens_shared_and_print_the_ratio_line():
     computed = {
         line.split()[0]: int(line.split()[1].replace(",", ""))
         for line in lines
-        if line.startswith(("shared ", "unshared "))
+        if line.startswith(("shared  ", "unshared  "))
     }
     assert 0 < computed["shared"] < computed["unshared"]
 
