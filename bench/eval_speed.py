@@ -18,6 +18,9 @@ evaluation should cost about one loss pass: the ratio column shows it. Every mea
 once to warm up, then ``--repeats`` rounds time each in turn; the fastest of each counts.
 Predictions are the same either way (tests/unit/test_shared_prefix.py); only the time differs.
 
+The last line sums the config's own tasks (the demo's three): ``demo tasks: evaluation
+with shared prefixes R.RRx the examples/s without``.
+
 Run: .venv/bin/python bench/eval_speed.py [--threads 2] [--max-examples 64]
 """
 
@@ -179,6 +182,9 @@ def main() -> None:
         fns = [fn for row in measured for fn in row[5:]]
         times = fastest_round_robin(fns, args.repeats)
 
+    from multitune.config.loader import load_config
+
+    demo = {t.name for t in load_config(args.config).tasks}
     print(
         f"{cfg.model.name}, torch {torch.__version__}, {args.threads} thread(s), "
         f"eval.batch_size {cfg.eval.batch_size}, best of {args.repeats}"
@@ -190,13 +196,21 @@ def main() -> None:
         "unshared examples/s | speed-up from sharing |"
     )
     print("| --- " * 12 + "|")
-    rows = zip(measured, times[0::3], times[1::3], times[2::3])
+    rows = list(zip(measured, times[0::3], times[1::3], times[2::3]))
     for (name, kind, n, tokens, shared, *_), loss_s, eval_s, unshared_s in rows:
         print(
             f"| {name} | {kind} | {n} | {tokens:.0f} | {shared:.0f} | {loss_s:.2f} | "
             f"{eval_s:.2f} | {n / eval_s:.1f} | {eval_s / loss_s:.2f} | {unshared_s:.2f} | "
             f"{n / unshared_s:.1f} | {unshared_s / eval_s:.2f} |"
         )
+    ours = [(row[0][2], row[2], row[3]) for row in rows if row[0][0] in demo]
+    shared_rate = sum(n for n, _, _ in ours) / sum(s for _, s, _ in ours)
+    unshared_rate = sum(n for n, _, _ in ours) / sum(u for _, _, u in ours)
+    print()
+    print(
+        f"demo tasks: evaluation with shared prefixes {shared_rate / unshared_rate:.2f}x the "
+        "examples/s without"
+    )
 
 
 if __name__ == "__main__":
