@@ -26,6 +26,7 @@ from tests.distributed.test_training_dist import (
 )
 
 from multitune.cli import main
+from multitune.config.schema import DpoConfig
 
 pytestmark = pytest.mark.distributed
 
@@ -128,7 +129,9 @@ def assert_same_dpo(
     )
     assert_same_training(out / "dpo", reference / "dpo", DPO_STEPS, adapter_atol, loss_rtol)
     first = json.loads((out / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] == pytest.approx(0.693147, abs=1e-4)  # step 1: the reference itself
+    # Step 1: the reference itself, preference loss log 2 (+ dpo.sft_weight x chosen NLL).
+    weight = DpoConfig().sft_weight
+    assert first["loss"] - weight * first["chosen_nll"] == pytest.approx(0.693147, abs=1e-4)
     preference = json.loads((out / "eval_results.json").read_text())["dpo"]["preference"]
     expected = json.loads((reference / "eval_results.json").read_text())["dpo"]["preference"]
     assert preference == expected

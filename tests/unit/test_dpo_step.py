@@ -138,7 +138,7 @@ def test_policy_loaded_for_dpo_starts_at_zero_reward_with_lora_dropout(tiny_toke
     lora_model(tiny_tokenizer, dropout=0.5).save_pretrained(tmp_path / "adapter")
     pairs = random_pairs(len(tiny_tokenizer))
     pad = tiny_tokenizer.pad_token_id
-    cfg = DpoConfig(beta=0.5)
+    cfg = DpoConfig(beta=0.5, sft_weight=0.0)  # the preference loss alone
 
     def first_step(policy):
         reference = compute_reference_logprobs(policy, pairs, pad, batch_size=8)
