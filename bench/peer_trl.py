@@ -10,7 +10,8 @@ with the tokenizer's own template; the loss is on the answer only on both sides.
 - TRL: ``SFTTrainer`` (defaults: padded batches, its ``chunked_nll`` loss) on prompt/completion
   conversations (the prompt = every message but the last, the completion = the assistant
   answer), ``peft_config`` with the same LoRA, sequential sampling, no saving or evaluation.
-- multitune: the SFT recipe's own ``train_loop`` (packing when ``data.packing``, the fused
+- multitune: the SFT recipe's own ``train_loop`` (packing when ``data.packing``, each task's
+  shared prompt prefix once per micro-batch as ``data.share_prefix`` (auto) picks it, the fused
   ``linear_cross_entropy`` loss), no evaluation; it commits one adapter checkpoint at the end,
   as a run does.
 
@@ -190,10 +191,15 @@ def train_multitune(args, cfg, tasks, model, tokenizer, order, device) -> dict:
 
     import torch
 
+    from multitune.data.pipeline import choose_prefix_sharing
     from multitune.distributed.process_group import DistContext
+    from multitune.models.loading import resolve_attn_implementation
     from multitune.recipes.sft import prepare_for_training, sft_training_data
     from multitune.training.loop import train_loop
 
+    # As the SFT recipe does after tokenizing: data.share_prefix (auto) picks the prefixes a
+    # micro-batch computes once.
+    choose_prefix_sharing(tasks, cfg, resolve_attn_implementation(cfg.model, device))
     model = prepare_for_training(model, cfg)
     ctx = DistContext(device=device)
     data = sft_training_data(model, tokenizer, tasks, cfg, device, ctx)
