@@ -4,33 +4,20 @@ preference accuracy rises. With `dpo.sft_weight: 0` (plain DPO) the same run too
 1.000 to 0.875 (README, DPO defaults, measured), so this fails if the NLL term goes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from tests.conftest import REPO
+from tests.integration.test_demo import run_cli
 
 
 @pytest.mark.slow
 def test_default_dpo_keeps_every_task_of_the_tiny_demo_within_two_points(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "multitune",
-            "train",
-            "configs/demo-tiny.yaml",
-            "stages=[sft,dpo]",
-            f"output_dir={out}",
-            "eval.before_training=false",
-        ],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_cli(
+        "train",
+        "configs/demo-tiny.yaml",
+        "stages=[sft,dpo]",
+        f"output_dir={out}",
+        "eval.before_training=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
