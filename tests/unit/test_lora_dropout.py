@@ -10,19 +10,26 @@ from tests.unit.test_training import examples_of_different_lengths
 
 from multitune.config.schema import LoraConfig, TinyModelConfig
 from multitune.data.packing import pack
-from multitune.models.lora import DroppedInputLinear, apply_lora
+from multitune.models.lora import (
+    DroppedInputLinear,
+    apply_lora,
+    cpu_dropout_rate,
+    dropout_mask,
+)
 from multitune.models.tiny import build_tiny_model
 from multitune.training.step import accumulate_gradients
 
 
-def test_dropped_input_linear_applies_the_mask_peft_would_draw_and_its_gradients_check():
+def test_dropped_input_linear_applies_its_mask_and_its_gradients_check():
     linear = torch.nn.Linear(6, 3, bias=False).double()
     module = DroppedInputLinear(linear, p=0.3).train()
     x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
     torch.manual_seed(1)
-    mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.7)
+    mask = dropout_mask(x, cpu_dropout_rate(0.3))
+    assert mask.dtype == torch.bool and mask.shape == x.shape and not mask.all()
     torch.manual_seed(1)
-    torch.testing.assert_close(module(x), F.linear(x * mask / 0.7, linear.weight))
+    expected = F.linear(x * mask / (1 - cpu_dropout_rate(0.3)), linear.weight)
+    torch.testing.assert_close(module(x), expected)
 
     def seeded(x, weight):  # the same mask on every call gradcheck makes
         torch.manual_seed(1)
@@ -32,6 +39,28 @@ def test_dropped_input_linear_applies_the_mask_peft_would_draw_and_its_gradients
     assert torch.autograd.gradcheck(seeded, (x, weight))
     module.eval()
     torch.testing.assert_close(module(x), F.linear(x, module.weight))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_cpu_dropout_mask_drops_at_its_rate_independently_and_unbiased(p):
+    # The CPU mask reads 16-bit quarters of 64-bit random words: each element must still drop
+    # independently at the rate, with neighbours (quarters of one word) uncorrelated.
+    torch.manual_seed(0)
+    x = torch.ones(1001, 999)  # not a multiple of 4 elements
+    mask = dropout_mask(x, p).flatten().float()
+    rate = cpu_dropout_rate(p)
+    assert abs(rate - p) <= 2**-17
+    sigma = (rate * (1 - rate) / mask.numel()) ** 0.5
+    assert abs((1 - mask.mean().item()) - rate) < 5 * sigma
+    for lag in (1, 2, 3, 4):  # within a word and across words
+        a, b = mask[:-lag] - mask.mean(), mask[lag:] - mask.mean()
+        assert abs((a * b).mean().item() / mask.var().item()) < 5 / mask.numel() ** 0.5
+    module = DroppedInputLinear(torch.nn.Linear(999, 1, bias=False), p).train()
+    torch.nn.init.ones_(module.weight)
+    # inverted dropout: the dropped input sums to the input's sum, on average
+    mean = module(x).mean().item() / 999
+    assert abs(mean - 1) < 5 * (rate / (1 - rate) / x.numel()) ** 0.5
+    assert not torch.equal(dropout_mask(x, p), dropout_mask(x, p))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -59,18 +59,34 @@ class DroppedInputLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p if self.training else 0.0
+        if x.device.type == "cpu":
+            p = cpu_dropout_rate(p)  # scale by exactly the rate the mask drops at
         if not torch.is_grad_enabled():
-            return F.linear(_dropped(x, self.weight.dtype, _dropout_mask(x, p), p), self.weight)
+            return F.linear(_dropped(x, self.weight.dtype, dropout_mask(x, p), p), self.weight)
         return _DroppedInputLinearFn.apply(x, self.weight, p)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input dropout p={self.p}"
 
 
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """A bool keep-mask of ``x``'s shape; on CPU drop with probability ``cpu_dropout_rate(p)``."""
     if p == 0:
         return None
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    if x.device.type != "cpu":
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    # CPU bernoulli_ draws and converts one random number per element: 14% of a SmolLM2 LoRA
+    # step (7 masks per layer). Drawing 64-bit words and comparing each 16-bit quarter with a
+    # threshold takes a quarter of the draws, 3.8x faster, at a rate rounded to 1/65536.
+    numel = x.numel()
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    quarters = words.view(torch.int16)[:numel].view(x.shape)
+    return quarters >= -(2**15) + round(p * 2**16)
+
+
+def cpu_dropout_rate(p: float) -> float:
+    """The rate a CPU mask drops at: ``p`` rounded to a multiple of 1/65536."""
+    return round(p * 2**16) / 2**16
 
 
 def _dropped(x: torch.Tensor, dtype, mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -82,7 +98,7 @@ def _dropped(x: torch.Tensor, dtype, mask: torch.Tensor | None, p: float) -> tor
 class _DroppedInputLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):
-        mask = _dropout_mask(x, p)
+        mask = dropout_mask(x, p)
         ctx.p = p
         ctx.save_for_backward(x, weight, mask)
         return F.linear(_dropped(x, weight.dtype, mask, p), weight)
