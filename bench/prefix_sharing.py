@@ -47,6 +47,7 @@ def main() -> None:
         tokenize_tasks,
         training_corpus,
     )
+    from multitune.data.prefix_sharing import row_width_scale
     from multitune.models.loading import load_model_and_tokenizer, resolve_attn_implementation
     from multitune.recipes.sft import prepare_for_training
     from multitune.training.state import seed_everything
@@ -83,6 +84,7 @@ def main() -> None:
                 cfg.data,
                 cfg.seed,
                 prefix_lengths,
+                row_width_scale(model.config),
             )
             for ids in steps
         ]

@@ -47,7 +47,7 @@ def test_compiled_decoder_takes_the_prefix_sharing_mask(tiny_tokenizer):
         for i, e in enumerate(examples_of_different_lengths(len(tiny_tokenizer)))
     ]
     batches = micro_batches(examples, 4, 0, DataConfig(max_seq_len=120), prefix_lengths=[12])
-    assert "block_index" in batches[0]
+    assert "node_index" in batches[0]
     weights = torch.ones(1)
 
     eager = accumulate_gradients(model, batches, weights, 1)

@@ -351,6 +351,61 @@ def test_token_count_matches_the_tokenized_examples(tmp_path):
     assert off["num_tokens"] == off["num_example_tokens"] == counts["num_example_tokens"]
 
 
+def test_token_count_with_tasks_starting_alike_matches_the_layout(tmp_path):
+    """Two tasks whose prompts start alike (here the same data, so wholly): the plan's count
+    equals the tokens the prefix-sharing layout computes over the epoch, one row per
+    micro-batch, the common start of the second task's prefix not computed again."""
+    from multitune.data.mixing import epoch_order, task_probabilities
+    from multitune.data.packing import micro_batches
+    from multitune.data.pipeline import (
+        choose_prefix_sharing,
+        load_tasks,
+        tokenize_tasks,
+        training_corpus,
+    )
+    from multitune.models.loading import load_model_and_tokenizer
+    from multitune.training.step import count_input_tokens
+
+    data = write_tiny_dataset(tmp_path / "data")
+    cfg = run_config(
+        "builtin:tiny-llama",
+        tasks=[
+            {"name": name, "kind": "classification", "dataset": str(data)}
+            for name in ("first", "second")
+        ],
+    )
+    counts = count_dataset_tokens(cfg, cache_dir=tmp_path / "cache")
+    tasks = load_tasks(cfg, include_test=False)
+    _, tokenizer = load_model_and_tokenizer(
+        cfg.model, training_corpus(tasks), cfg.seed, torch.device("cpu")
+    )
+    tokenize_tasks(tasks, tokenizer, cfg)
+    choose_prefix_sharing(tasks, cfg, "sdpa")
+    sizes = [len(t.tokenized["train"]) for t in tasks]
+    order = epoch_order(sizes, task_probabilities(sizes, cfg.data, [1.0, 1.0]), cfg.seed, 0)
+    examples = [tasks[t].tokenized["train"][i] for t, i in order]
+    batches = micro_batches(
+        examples,
+        cfg.train.micro_batch_size,
+        tokenizer.pad_token_id,
+        cfg.data,
+        cfg.seed,
+        [t.prefix_to_share for t in tasks],
+        width_scale=float("inf"),  # attention free: every micro-batch in one row
+    )
+    assert all(mb["input_ids"].shape[0] == 1 for mb in batches)
+    assert counts["num_tokens"] == sum(count_input_tokens(mb) for mb in batches)
+    first, second = (counts["per_task"][name] for name in ("first", "second"))
+    assert first["shared_prefix_tokens"] == second["shared_prefix_tokens"] > 20
+    # identical prefixes: each micro-batch computes the one prefix once, whichever task has it
+    prefix = first["shared_prefix_tokens"]
+    computed = sum(
+        p["num_tokens"] - (p["num_example_tokens"] - prefix * p["num_examples"])
+        for p in (first, second)
+    )
+    assert computed == prefix * len(batches)
+
+
 def test_packed_micro_batch_fills_only_the_rows_its_examples_need():
     cfg = run_config(data={"max_seq_len": 256})
     arch = resolve_architecture(cfg.model)

@@ -15,6 +15,7 @@ from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.data.packing import micro_batch, micro_batches, pack
 from multitune.data.pipeline import load_tasks, tokenize_tasks
 from multitune.data.prefix_sharing import (
+    prefix_sharing_mask,
     prefixes_to_share,
     share_prefixes,
     shared_prefix_length,
@@ -84,12 +85,60 @@ def test_layout_puts_each_prefix_once_with_continuing_positions():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 9, 8, 7, 7, 5, 4]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 0, 1, 2, 3]]
     assert batch["sequence_index"].tolist() == [[-1, -1, -1, 0, 0, 0, 1, 1, 2, 2, 2, 2]]
-    assert batch["block_index"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    assert batch["node_index"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    assert batch["node_ancestors"].tolist() == [[True, False], [False, True]]
     targets = micro_batch_targets(batch)[0].tolist()
     assert targets == [-100, -100, -100, 5, 6, -100, 8, -100, -100, -100, 4, -100]
     # A row too short for both suffixes gives the second its own block, and prefix copy.
     split = share_prefixes([a, b], pad_id=0, capacity=7, prefix_lengths=[3, 0])
     assert sorted(split["input_ids"].tolist()) == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 8, 0]]
+
+
+def test_tasks_whose_prefixes_start_alike_share_that_start_as_a_tree():
+    # Tasks 0 and 1 start with the same two tokens (a chat template's system block), task 2
+    # with another; each task's own prefix still comes once, behind the common part.
+    a = example([1, 2, 3, 4, 5], answer=1, task=0, index=0)
+    b = example([1, 2, 3, 6, 7], answer=1, task=0, index=1)
+    c = example([1, 2, 8, 9, 4, 5], answer=1, task=1, index=2)
+    d = example([5, 5, 6], answer=1, task=2, index=3)
+    batch = share_prefixes([a, b, c, d], pad_id=0, capacity=32, prefix_lengths=[3, 4, 2])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 4, 5, 5, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 2, 3, 4, 5, 0, 1, 2]]
+    assert batch["sequence_index"].tolist() == [[-1, -1, -1, 0, 0, 1, 1, -1, -1, 2, 2, -1, -1, 3]]
+    assert batch["node_index"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]]
+    # node 0 = [1, 2], below it 1 = [3] and 2 = [8, 9]; node 3 = [5, 5] stands alone
+    assert batch["node_ancestors"].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 0, 1, 0],
+        [0, 0, 0, 1],
+    ]
+    mask = prefix_sharing_mask(batch, "cpu")[0, 0]
+    # c's suffix (position 9) sees the common start and its own prefix, not task 0's tokens
+    assert mask[9].nonzero().flatten().tolist() == [0, 1, 7, 8, 9]
+    # b's suffix sees [1, 2], [3] and itself, not a's suffix
+    assert mask[6].nonzero().flatten().tolist() == [0, 1, 2, 5, 6]
+    assert mask[13].nonzero().flatten().tolist() == [11, 12, 13]
+
+
+def test_layout_width_is_chosen_by_cost_and_keeps_the_losses(tiny_tokenizer, demo_examples):
+    """With ``width_scale`` rows may outgrow ``data.max_seq_len``: one row of the demo's lumpy
+    blocks holds fewer positions than rows of 256 and gives the same losses; a narrow
+    ``width_scale`` (attention dear) keeps more, shorter rows."""
+    (bank, qa, claims), prefixes = demo_examples
+    examples = bank[:3] + qa[:3] + claims[:2]
+    pad = tiny_tokenizer.pad_token_id
+    data = DataConfig(max_seq_len=256)
+    fixed = micro_batch(examples, pad, data, prefix_lengths=prefixes)
+    chosen = micro_batch(examples, pad, data, prefix_lengths=prefixes, width_scale=1536.0)
+    narrow = micro_batch(examples, pad, data, prefix_lengths=prefixes, width_scale=50.0)
+    assert fixed["input_ids"].shape[0] > 1 and chosen["input_ids"].shape[0] == 1
+    assert chosen["input_ids"].numel() < fixed["input_ids"].numel()
+    assert narrow["input_ids"].shape[1] < chosen["input_ids"].shape[1]
+    model = lora_model(tiny_tokenizer)
+    reference = per_example_losses(model, micro_batch(examples, pad, data))
+    for batch in (chosen, narrow):
+        torch.testing.assert_close(per_example_losses(model, batch), reference, rtol=1e-5, atol=0)
 
 
 def test_share_prefix_auto_true_false_and_flash_attention():
@@ -130,7 +179,7 @@ def test_a_task_sharing_only_its_first_token_runs_unshared(tiny_tokenizer):
     assert shared == 0
     data = DataConfig(max_seq_len=16)
     batch = micro_batch([a, b], 0, data, prefix_lengths=[shared])
-    assert "block_index" not in batch
+    assert "node_index" not in batch
     for key, value in pack([a, b], 0, 16).items():
         assert torch.equal(batch[key], value)
 
@@ -165,14 +214,13 @@ def test_shared_losses_and_gradients_equal_unshared(tiny_tokenizer, demo_example
     model.zero_grad()
 
     batch = micro_batch(examples, pad, data, prefix_lengths=prefixes)
-    assert "block_index" in batch
-    # Each task's prefix is computed once: the row is shorter by (examples - 1) prefixes.
-    saved = sum(
-        (sum(e.task_index == t for e in examples) - 1) * p
-        for t, p in enumerate(prefixes)
-        if any(e.task_index == t for e in examples)
-    )
-    assert int((batch["block_index"] >= 0).sum()) == sum(len(e.input_ids) for e in examples) - saved
+    assert batch["input_ids"].shape[0] == 1
+    # Each prefix token is computed once: as many as the distinct starts of the tasks'
+    # prefixes (the tasks' common system block once), plus every example's suffix.
+    heads = {tuple(e.input_ids[: prefixes[e.task_index]]) for e in examples}
+    starts = {head[:k] for head in heads for k in range(1, len(head) + 1)}
+    suffixes = sum(len(e.input_ids) - prefixes[e.task_index] for e in examples)
+    assert int((batch["node_index"] >= 0).sum()) == len(starts) + suffixes
     shared = per_example_losses(model, batch)
     (shared * weights).sum().backward()
 
@@ -217,11 +265,11 @@ def test_a_leaky_mask_would_differ(tiny_tokenizer, demo_examples):
     model = lora_model(tiny_tokenizer)
     pad = tiny_tokenizer.pad_token_id
     batch = micro_batch(claims[:3], pad, DataConfig(max_seq_len=1024), prefix_lengths=prefixes)
-    # Causal within each block only: a suffix also sees the suffixes before it.
-    block = batch["block_index"]
-    width = block.shape[1]
+    # Causal within each prefix node only: a suffix also sees the suffixes before it.
+    node = batch["node_index"]
+    width = node.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    leaky = (causal & (block[:, :, None] == block[:, None, :]))[:, None]
+    leaky = (causal & (node[:, :, None] == node[:, None, :]))[:, None]
     leaky_losses = per_example_losses(model, batch, mask=leaky)
     shared = per_example_losses(model, batch)
     assert not torch.allclose(leaky_losses, shared, rtol=1e-3)

@@ -32,10 +32,13 @@ def micro_batches(
     data: DataConfig,
     seed: int = 0,
     prefix_lengths: Sequence[int] = (),
+    width_scale: float | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Split one optimizer step's examples into micro-batches, packed when ``data.packing``."""
     return [
-        micro_batch(examples[i : i + micro_batch_size], pad_id, data, seed, prefix_lengths)
+        micro_batch(
+            examples[i : i + micro_batch_size], pad_id, data, seed, prefix_lengths, width_scale
+        )
         for i in range(0, len(examples), micro_batch_size)
     ]
 
@@ -46,15 +49,17 @@ def micro_batch(
     data: DataConfig,
     seed: int = 0,
     prefix_lengths: Sequence[int] = (),
+    width_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of ``examples``: packed when ``data.packing``, else right-padded.
 
     When a task of the micro-batch shares a prefix (``prefix_lengths[task]`` > 0, see
     ``data.prefix_sharing``), the micro-batch is laid out with each shared prefix once instead,
-    in packed rows whatever ``data.packing`` says.
+    in packed rows whatever ``data.packing`` says: rows of ``data.max_seq_len`` tokens, or with
+    ``width_scale`` (``prefix_sharing.attention_width`` of the model) as long as is cheapest.
     """
     if prefix_lengths and any(prefix_lengths[e.task_index] for e in examples):
-        return share_prefixes(examples, pad_id, data.max_seq_len, prefix_lengths, seed)
+        return share_prefixes(examples, pad_id, data.max_seq_len, prefix_lengths, seed, width_scale)
     if not data.packing:
         return collate(examples, pad_id)
     return pack(examples, pad_id, data.max_seq_len, seed)

@@ -8,17 +8,21 @@ its ``position_ids`` continue from the prefix length, as in the example run alon
 gradients equal the unshared layout's (the backward sums every suffix's gradient through the
 one prefix).
 
-Layout (``share_prefixes``): rows of at most ``data.max_seq_len`` tokens holding blocks; a block
-is one task's prefix followed by suffixes of its examples (a task with more suffixes than fit
-one row gets a block, and a prefix copy, per row), or a lone example of a task that shares
-nothing. Per token, ``block_index`` names its block (-1 on padding) and ``sequence_index`` its
-example (-1 on prefix and padding); ``prefix_sharing_mask`` turns the two into the attention
-mask. flash-attention takes no such mask: there sharing is off (``prefixes_to_share``).
+Layout (``share_prefixes``): rows holding blocks; a block is one task's prefix followed by
+suffixes of its examples (a task with more suffixes than fit one row gets a block, and a prefix
+copy, per row), or a lone example of a task that shares nothing. Within a row the blocks'
+prefixes form a radix tree, so a start several tasks have in common (the chat template's
+system block) is computed once too. Per token, ``node_index`` names its prefix-tree node (-1 on
+padding) and ``sequence_index`` its example (-1 on prefix and padding); with
+``node_ancestors`` ``prefix_sharing_mask`` turns them into the attention mask. flash-attention
+takes no such mask: there sharing is off (``prefixes_to_share``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +32,9 @@ from multitune.ops import plan_packing
 # auto shares a task's prefix when it is at least this fraction of the task's mean tokens: below
 # it, the saved compute hardly pays for the mask, which sdpa cannot skip like a causal one.
 AUTO_MIN_PREFIX_FRACTION = 0.25
+# Masked attention (sdpa's flash/efficient kernels with an explicit mask) runs at about half
+# the rate of the linear layers' matrix multiplies: 2.2x slower measured on the demo on CPU.
+MASKED_ATTENTION_SLOWDOWN = 2.0
 # A prefix of a single token (the template's first) saves one token per example: not worth a
 # mask of its own, so such a task runs unshared even with share_prefix: true.
 MIN_PREFIX_TOKENS = 2
@@ -84,62 +91,199 @@ def prefixes_to_share(
     return shared
 
 
+def attention_width(config) -> float:
+    """The row width at which a layer's masked attention costs as much as its linear layers,
+    per token, for a decoder with this ``config`` (a transformers config).
+
+    Linear layers cost ``linear`` multiply-adds per token whatever the row; attention under a
+    prefix-sharing mask costs ``2 x heads x head_dim`` per token per key of its row, every key
+    computed (no kernel skips the masked ones), and runs at about half the matrix multiplies'
+    rate (``MASKED_ATTENTION_SLOWDOWN``). SmolLM2-135M: 3072 / 2 = 1536 (the CPU gave 1400).
+    """
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    linear = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    linear += 3 * hidden * config.intermediate_size  # gated MLP (Llama and its kind)
+    return linear / (2 * heads * head_dim) / MASKED_ATTENTION_SLOWDOWN
+
+
+def row_width_scale(config) -> float | None:
+    """``share_prefixes``'s ``width_scale`` for a model: its ``attention_width`` under sdpa,
+    whose kernels never hold a [T x T] score matrix; None (rows of ``data.max_seq_len``) for
+    eager attention, which keeps one per head and layer for the backward."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    return attention_width(config)
+
+
 def share_prefixes(
     batch: list[TokenizedExample],
     pad_id: int,
     capacity: int,
     prefix_lengths: Sequence[int],
     seed: int = 0,
+    width_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Lay ``batch`` out with each task's shared prefix once per row (see the module doc).
 
-    ``prefix_lengths[t]`` is task t's shared prefix (``prefixes_to_share``). Returns
-    ``input_ids``, ``labels``, ``position_ids``, ``sequence_index``, ``block_index`` ([rows,
-    width]) and ``task_index`` ([len(batch)]).
+    ``prefix_lengths[t]`` is task t's shared prefix (``prefixes_to_share``). Rows hold at most
+    ``capacity`` tokens; with ``width_scale`` (``attention_width``) the row length is chosen
+    instead, see ``_cheapest_capacity``. Returns ``input_ids``, ``labels``, ``position_ids``,
+    ``sequence_index``, ``node_index`` ([rows, width]), ``node_ancestors`` ([nodes, nodes])
+    and ``task_index`` ([len(batch)]).
     """
+    if width_scale is not None:
+        capacity = _cheapest_capacity(batch, capacity, prefix_lengths, seed, width_scale)
+    parents: list[int] = []
+    rows = [
+        _row_pieces(batch, row, parents) for row in _rows(batch, capacity, prefix_lengths, seed)
+    ]
+    width = max(sum(len(piece.tokens) for piece in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_index = torch.full(shape, -1, dtype=torch.long)
+    node_index = torch.full(shape, -1, dtype=torch.long)
+    for row, pieces in enumerate(rows):
+        start = 0
+        for piece in pieces:
+            n = len(piece.tokens)
+            span = slice(start, start + n)
+            input_ids[row, span] = torch.tensor(piece.tokens, dtype=torch.long)
+            if piece.labels is not None:
+                labels[row, span] = torch.tensor(piece.labels, dtype=torch.long)
+            position_ids[row, span] = torch.arange(piece.position, piece.position + n)
+            sequence_index[row, span] = piece.sequence
+            node_index[row, span] = piece.node
+            start += n
+        position_ids[row, start:] = torch.arange(width - start)
+    ancestors = torch.eye(len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        while parent != -1:
+            ancestors[node, parent] = True
+            parent = parents[parent]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "sequence_index": sequence_index,
+        "node_index": node_index,
+        "node_ancestors": ancestors,
+        "task_index": torch.tensor([e.task_index for e in batch], dtype=torch.long),
+    }
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A run of one row's tokens: a prefix node's (``sequence`` -1, no labels) or an example's
+    suffix (or a whole lone example) behind ``node``; positions start at ``position``."""
+
+    tokens: Sequence[int]
+    labels: Sequence[int] | None
+    position: int
+    sequence: int
+    node: int
+
+
+def _row_pieces(
+    batch: list[TokenizedExample], row: list[tuple[int, list[int]]], parents: list[int]
+) -> list[_Piece]:
+    """One row's pieces, in order: its blocks' prefixes as a radix tree, each suffix after its
+    prefix; ``parents`` gets each new node's parent (-1: none).
+
+    Blocks of different tasks in a row often start alike (the chat template's system block, a
+    shared instruction): the tree lays each common run down once, so the row computes it once.
+    A node's tokens come before everything below it, which is all causal attention needs.
+    """
+    pieces: list[_Piece] = []
+
+    def add_node(parent: int) -> int:
+        parents.append(parent)
+        return len(parents) - 1
+
+    def suffixes(prefix: int, members: list[int], node: int) -> None:
+        head = batch[members[0]].input_ids[:prefix]
+        for index in members:
+            example = batch[index]
+            assert example.input_ids[:prefix] == head, "a task's examples differ in prefix"
+            pieces.append(
+                _Piece(example.input_ids[prefix:], example.labels[prefix:], prefix, index, node)
+            )
+
+    def visit(blocks: list[tuple[int, list[int]]], start: int, parent: int) -> None:
+        heads = [batch[members[0]].input_ids[:prefix] for prefix, members in blocks]
+        end = len(os.path.commonprefix(heads))  # they all share heads[0][:start]
+        node = parent
+        if end > start:
+            node = add_node(parent)
+            pieces.append(_Piece(heads[0][start:end], None, start, -1, node))
+        branches: dict[int, list[tuple[int, list[int]]]] = {}
+        for block, head in zip(blocks, heads):
+            if len(head) == end:
+                suffixes(*block, node)
+            else:
+                branches.setdefault(head[end], []).append(block)
+        for branch in branches.values():
+            visit(branch, end, node)
+
+    shared = [block for block in row if block[0]]
+    if shared:
+        visit(shared, 0, -1)
+    for prefix, members in row:
+        if not prefix:  # a lone example of a task that shares nothing
+            suffixes(0, members, add_node(-1))
+    return pieces
+
+
+def _rows(
+    batch: list[TokenizedExample], capacity: int, prefix_lengths: Sequence[int], seed: int
+) -> list[list[tuple[int, list[int]]]]:
+    """The blocks (``_blocks``) of ``batch`` packed into rows of at most ``capacity`` tokens
+    (counting each block's whole prefix: rows whose blocks share a start come out shorter)."""
     blocks = _blocks(batch, capacity, prefix_lengths)
     lengths = [
         prefix + sum(len(batch[i].input_ids) - prefix for i in members)
         for prefix, members in blocks
     ]
     (bins,) = plan_packing(lengths, capacity, num_ranks=1, seed=seed)
-    bins = [bin_ for bin_ in bins if bin_]
-    width = max(sum(lengths[b] for b in bin_) for bin_ in bins)
-    shape = (len(bins), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    sequence_index = torch.full(shape, -1, dtype=torch.long)
-    block_index = torch.full(shape, -1, dtype=torch.long)
-    for row, bin_ in enumerate(bins):
-        start = 0
-        for number in bin_:
-            prefix, members = blocks[number]
-            head = batch[members[0]].input_ids[:prefix]
-            input_ids[row, start : start + prefix] = torch.tensor(head, dtype=torch.long)
-            position_ids[row, start : start + prefix] = torch.arange(prefix)
-            block_index[row, start : start + prefix] = number
-            start += prefix
-            for index in members:
-                example = batch[index]
-                assert example.input_ids[:prefix] == head, "a task's examples differ in prefix"
-                n = len(example.input_ids) - prefix
-                span = slice(start, start + n)
-                input_ids[row, span] = torch.tensor(example.input_ids[prefix:])
-                labels[row, span] = torch.tensor(example.labels[prefix:])
-                position_ids[row, span] = torch.arange(prefix, prefix + n)
-                sequence_index[row, span] = index
-                block_index[row, span] = number
-                start += n
-        position_ids[row, start:] = torch.arange(width - start)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "sequence_index": sequence_index,
-        "block_index": block_index,
-        "task_index": torch.tensor([e.task_index for e in batch], dtype=torch.long),
-    }
+    return [[blocks[number] for number in bin_] for bin_ in bins if bin_]
+
+
+def _cheapest_capacity(
+    batch: list[TokenizedExample],
+    capacity: int,
+    prefix_lengths: Sequence[int],
+    seed: int,
+    width_scale: float,
+) -> int:
+    """The row capacity whose layout costs least: rows x width x (1 + width / width_scale).
+
+    Rows of ``data.max_seq_len`` suit examples but not blocks: a task's prefix with its
+    suffixes is one lump (banking77's 108 + 3 x 32 tokens in the demo), and lumps pack into
+    fixed rows with much padding (36% of the demo's positions). Every position of the
+    rectangular batch costs the linear layers; attention adds a part that grows with the
+    width. So capacities from the longest example up to the whole micro-batch in one row are
+    tried, and the cheapest kept; the cost model favours one row until attention outweighs
+    the padding that more rows would add.
+    """
+    longest = max(len(e.input_ids) for e in batch)
+    most = sum(len(e.input_ids) for e in batch)
+    candidates, size = {capacity}, float(longest)
+    while size < most:
+        candidates.add(int(size))
+        size *= 1.25
+    candidates.add(most)
+
+    def cost(candidate: int) -> float:
+        rows = [
+            _row_pieces(batch, row, []) for row in _rows(batch, candidate, prefix_lengths, seed)
+        ]
+        width = max(sum(len(piece.tokens) for piece in row) for row in rows)
+        return len(rows) * width * (1 + width / width_scale)
+
+    return min(sorted(candidates), key=cost)
 
 
 def _blocks(
@@ -173,17 +317,22 @@ def prefix_sharing_mask(
 ) -> torch.Tensor:
     """The [rows, 1, T, T] attention mask of a ``share_prefixes`` micro-batch.
 
-    A token sees earlier tokens of its block that are prefix or of its own example; padding
-    sees earlier padding (never an empty row, which would give NaN). Boolean (True: attend) for
-    sdpa; with a float ``dtype``, additive (0 or the dtype's minimum) as eager attention adds it.
+    A token sees earlier prefix tokens of its node and the nodes above it, and earlier tokens
+    of its own example; padding sees earlier padding (never an empty row, which would give
+    NaN). Boolean (True: attend) for sdpa; with a float ``dtype``, additive (0 or the dtype's
+    minimum) as eager attention adds it.
     """
-    block = mb["block_index"].to(device)
+    node = mb["node_index"].to(device)
     sequence = mb["sequence_index"].to(device)
-    width = block.shape[1]
+    ancestors = mb["node_ancestors"].to(device)
+    width = node.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    same_block = block[:, :, None] == block[:, None, :]
-    visible = (sequence == -1)[:, None, :] | (sequence[:, :, None] == sequence[:, None, :])
-    mask = (causal & same_block & visible)[:, None]
+    real = node >= 0
+    lineage = ancestors[node.clamp(min=0)[:, :, None], node.clamp(min=0)[:, None, :]]
+    lineage &= real[:, :, None] & (real & (sequence == -1))[:, None, :]
+    own = (sequence[:, :, None] == sequence[:, None, :]) & (sequence >= 0)[:, :, None]
+    padding = ~real[:, :, None] & ~real[:, None, :]
+    mask = (causal & (lineage | own | padding))[:, None]
     if dtype is None:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(

@@ -106,24 +106,32 @@ def count_dataset_tokens(cfg: RunConfig, cache_dir: Path | None = None) -> dict:
 
 def prefix_tokens_saved(tasks: list[TaskData], cfg: RunConfig) -> list[int]:
     """Per task, the prefix tokens an epoch does not compute: a shared prefix runs once per
-    micro-batch holding the task instead of once per example.
+    micro-batch holding the task instead of once per example, and the part of it that an
+    earlier task of the micro-batch starts with (the chat template's system block) not at all
+    (``data.prefix_sharing``'s prefix tree; that part counts for the earlier task).
 
     Counted on the first epoch's mixed order cut into micro-batches of
-    ``train.micro_batch_size`` (one process; a prefix repeated when a micro-batch needs more
-    than one row is not counted).
+    ``train.micro_batch_size`` (one process, one row per micro-batch: a prefix repeated when a
+    micro-batch needs more than one row is not counted).
     """
     sizes = [len(t.tokenized["train"]) for t in tasks]
     weights = [t.sampling_weight for t in cfg.tasks]
     order = epoch_order(sizes, task_probabilities(sizes, cfg.data, weights), cfg.seed, 0)
+    heads = [t.tokenized["train"][0].input_ids[: t.prefix_to_share] for t in tasks]
     micro = cfg.train.micro_batch_size
-    examples, micro_batches = [0] * len(tasks), [0] * len(tasks)
+    computed = [0] * len(tasks)
     for start in range(0, len(order), micro):
-        present = {task for task, _ in order[start : start + micro]}
-        for task in present:
-            micro_batches[task] += 1
+        present = list(dict.fromkeys(task for task, _ in order[start : start + micro]))
+        for number, task in enumerate(present):
+            common = max(
+                (len(os.path.commonprefix([heads[task], heads[t]])) for t in present[:number]),
+                default=0,
+            )
+            computed[task] += len(heads[task]) - common
+    examples = [0] * len(tasks)
     for task, _ in order:
         examples[task] += 1
-    return [t.prefix_to_share * (n - k) for t, n, k in zip(tasks, examples, micro_batches)]
+    return [len(head) * n - k for head, n, k in zip(heads, examples, computed)]
 
 
 def _load_tokenizer(cfg: RunConfig, corpus: list[str]):

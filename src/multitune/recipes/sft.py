@@ -32,6 +32,7 @@ from multitune.data.pipeline import (
     tokenize_tasks,
     training_corpus,
 )
+from multitune.data.prefix_sharing import row_width_scale
 from multitune.distributed.batches import global_answer_tokens, sum_step_results
 from multitune.distributed.process_group import (
     DistContext,
@@ -210,13 +211,14 @@ def sft_training_data(
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     pad_id = tokenizer.pad_token_id
     prefix_lengths = [t.prefix_to_share for t in tasks]
+    width_scale = row_width_scale(model.config)
 
     def epoch_items(epoch: int) -> list:
         return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
 
     def collate_ids(ids) -> dict:
         examples = [tasks[t].tokenized["train"][i] for t, i in ids]
-        return micro_batch(examples, pad_id, cfg.data, cfg.seed, prefix_lengths)
+        return micro_batch(examples, pad_id, cfg.data, cfg.seed, prefix_lengths, width_scale)
 
     decoder = compiled_decoder(model, cfg.train.compile)
 

@@ -12,6 +12,7 @@ from multitune.data.formatting import TokenizedExample
 from multitune.data.prefix_sharing import (
     MIN_PREFIX_TOKENS,
     prefixes_to_share,
+    row_width_scale,
     share_prefixes,
     shared_prefix_length,
 )
@@ -110,12 +111,15 @@ def pair_logprobs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: in
     n = len(pairs)
     blocks = [replace(e, task_index=i % n) for i, e in enumerate(examples)]
     prompts = [p.shared_prompt for p in pairs]
-    # Rows as long as the longest pair laid out shared, so every pair stays one block.
+    # Rows at least as long as the longest pair laid out shared, so every pair stays one
+    # block; the pairs' prompts of a row form a tree (a task's instruction, the system block).
     longest = max(
         len(p.chosen.input_ids) + len(p.rejected.input_ids) - p.shared_prompt for p in pairs
     )
-    batch = share_prefixes(blocks, pad_id, longest, prompts)
     decoder, head = decoder_and_head(model)
+    batch = share_prefixes(
+        blocks, pad_id, longest, prompts, width_scale=row_width_scale(decoder.config)
+    )
     device = next(model.parameters()).device
     inputs = decoder_inputs(batch, device, mask_dtype=sharing_mask_dtype(decoder))
     hidden = decoder(**inputs).last_hidden_state

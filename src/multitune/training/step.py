@@ -99,7 +99,7 @@ def sharing_mask_dtype(decoder: torch.nn.Module) -> torch.dtype | None:
 
 def micro_batch_targets(mb: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token targets of a padded, packed or prefix-sharing micro-batch."""
-    if "block_index" in mb:
+    if "node_index" in mb:
         # Suffix positions continue from their prefix: example borders are where the token's
         # example changes (a prefix's last position predicts nothing either).
         return next_token_targets(mb["labels"], sequence_index=mb["sequence_index"])
@@ -122,7 +122,7 @@ def decoder_inputs(
     """
     # No KV cache: training never reuses it, and transformers only reads position restarts as
     # example borders when there is none.
-    if "block_index" in mb:
+    if "node_index" in mb:
         # An explicit 4D mask: transformers passes it to the attention as it is.
         assert not one_row, "flash-attention takes no prefix-sharing mask"
         return {
@@ -156,8 +156,8 @@ def decoder_inputs(
 
 def count_input_tokens(mb: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens of a padded or packed micro-batch (a shared prefix counts once)."""
-    if "block_index" in mb:
-        return int((mb["block_index"] >= 0).sum())
+    if "node_index" in mb:
+        return int((mb["node_index"] >= 0).sum())
     if "sequence_index" in mb:
         return int((mb["sequence_index"] >= 0).sum())
     return int(mb["attention_mask"].sum())
