@@ -418,6 +418,8 @@ def test_packed_micro_batch_fills_only_the_rows_its_examples_need():
     assert model(example_tokens=103.0).positions(8) == 4 * 256  # 824 tokens -> 4 rows
     assert model(example_tokens=103.0, packing=False).positions(8) == 8 * 256
     assert model(example_tokens=400.0).positions(8) == 8 * 256  # never above micro x seq
+    # shared prefixes under sdpa: one row as wide as the tokens (57.5 a example computed)
+    assert model(example_tokens=57.5, free_width=True).positions(8) == 460
     full, answers = model(example_tokens=103.0), model(example_tokens=103.0, answer_fraction=0.05)
     assert loss_memory(answers, 8, fused=True) == math.ceil(1024 * 0.05) * arch.shape.vocab * 4
     assert loss_memory(full, 8, fused=True) == 1024 * arch.shape.vocab * 4
@@ -432,5 +434,14 @@ def test_cpu_plan_counts_the_process_and_the_allocator_s_kept_blocks():
     kept += CPU_ALLOCATOR_ACTIVATION_RETENTION * lines["activations"]
     assert lines["allocator"] == math.ceil(kept)
     assert plan["batch"]["positions_per_micro_batch"] == 4 * 256
+    shared = build_plan(
+        cfg, 1, "cpu", None, num_tokens=57_500, num_examples=1000, num_example_tokens=103_000
+    )
+    assert shared["batch"]["positions_per_micro_batch"] == 8 * 57.5
+    eager = run_config(data={"max_seq_len": 256}, model={"attn_implementation": "eager"})
+    eager_plan = build_plan(
+        eager, 1, "cpu", None, num_tokens=57_500, num_examples=1000, num_example_tokens=103_000
+    )
+    assert eager_plan["batch"]["positions_per_micro_batch"] == 2 * 256  # rows of max_seq_len
     gpu = build_plan(cfg, 1, "h100", None, num_tokens=103_000, num_examples=1000)
     assert gpu["memory"]["ddp"]["allocator"] == 0

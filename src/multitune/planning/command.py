@@ -45,12 +45,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     num_tokens, num_examples, num_answer_tokens = args.num_tokens, None, None
+    num_example_tokens = None
     count_error = None
     if num_tokens is None:
         try:
             counts = count_dataset_tokens(cfg)
             num_tokens, num_examples = counts["num_tokens"], counts["num_examples"]
             num_answer_tokens = counts["num_answer_tokens"]
+            num_example_tokens = counts["num_example_tokens"]
         except (ValueError, RuntimeError, OSError) as exc:
             # The memory plan stands without the data; say why time and cost are missing.
             count_error = f"could not count the training tokens: {exc}"
@@ -65,6 +67,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mfu=args.mfu,
         num_examples=num_examples,
         num_answer_tokens=num_answer_tokens,
+        num_example_tokens=num_example_tokens,
     )
     if count_error:
         plan["notes"].append(count_error)

@@ -42,6 +42,9 @@ class MemoryModel:
     # its examples need. None: every row is full (micro_batch x seq_len positions).
     example_tokens: float | None = None
     packing: bool = True
+    # Prefix-sharing rows whose width a cost model chooses: a micro-batch fills about as many
+    # positions as its tokens, with no rounding up to whole rows of seq_len.
+    free_width: bool = False
     # Share of the positions that are answer tokens (the SFT loss projects only those onto the
     # vocabulary); 1.0 when unknown.
     answer_fraction: float = 1.0
@@ -52,6 +55,8 @@ class MemoryModel:
     def positions(self, micro_batch: int) -> int:
         """Token positions (rows x width) of one micro-batch of ``micro_batch`` examples."""
         full = micro_batch * self.seq_len
+        if self.example_tokens is not None and self.free_width:
+            return math.ceil(micro_batch * self.example_tokens)
         if self.example_tokens is None or not self.packing:
             return full
         rows = math.ceil(micro_batch * self.example_tokens / self.seq_len)

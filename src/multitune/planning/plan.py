@@ -49,13 +49,15 @@ def build_plan(
     mfu: float = DEFAULT_MFU,
     num_examples: int | None = None,
     num_answer_tokens: int | None = None,
+    num_example_tokens: int | None = None,
 ) -> dict:
     """Estimate a run of ``cfg`` on ``nodes`` x ``gpus`` devices of ``gpu_type``; JSON-ready.
 
     ``gpus`` is per node. ``num_tokens`` (training tokens per epoch, see
     ``count_dataset_tokens``) enables time and cost; ``num_examples`` also steps per epoch and
     ``train.max_steps``, and with ``num_tokens`` the rows a packed micro-batch fills;
-    ``num_answer_tokens`` the rows the fused loss projects. Nothing is downloaded beyond, at most, a hub config.json.
+    ``num_answer_tokens`` the rows the fused loss projects; ``num_example_tokens`` above
+    ``num_tokens`` (shared prompt prefixes) lays micro-batches out as sdpa's shared rows. Nothing is downloaded beyond, at most, a hub config.json.
     """
     if gpus < 1 or nodes < 1:
         raise ValueError(f"need at least one GPU and one node (got gpus={gpus}, nodes={nodes})")
@@ -87,6 +89,10 @@ def build_plan(
         # With the data's token count, a packed micro-batch fills only the rows it needs.
         example_tokens=num_tokens / num_examples if num_tokens and num_examples else None,
         packing=cfg.data.packing,
+        # Shared prefixes under sdpa: rows as wide as the cost model chooses (one row on the
+        # demo), so no row rounding (data.prefix_sharing._cheapest_capacity).
+        free_width=attention == "sdpa"
+        and bool(num_tokens and num_example_tokens and num_tokens < num_example_tokens),
         answer_fraction=num_answer_tokens / num_tokens if num_answer_tokens and num_tokens else 1.0,
         allocator_retention=(
             (CPU_ALLOCATOR_WEIGHT_RETENTION, CPU_ALLOCATOR_ACTIVATION_RETENTION)
