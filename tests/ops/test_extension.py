@@ -100,3 +100,32 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     torch.testing.assert_close(
         loss, ops.reference_linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 5, 0]))
     )
+
+
+def test_a_dead_build_s_lock_is_removed_and_a_live_one_waited_for(tmp_path, caplog):
+    """A build killed midway leaves torch's ``lock`` file, on which every later run waited
+    forever; a live build's lock must be waited for, not taken."""
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="multitune.ops.extension"):
+        extension.clear_stale_build_lock(tmp_path, stale_after=60)
+    assert not lock.exists()
+    assert "3600 s old" in caplog.text
+
+    lock.touch()  # a live build: its holder removes the lock after a moment
+    threading.Timer(0.5, lock.unlink).start()
+    start = time.monotonic()
+    extension.clear_stale_build_lock(tmp_path, stale_after=60)
+    assert 0.4 < time.monotonic() - start < 30
+    assert not lock.exists()
+
+    lock.touch()  # a lock that stays: removed once it is older than the limit
+    start = time.monotonic()
+    extension.clear_stale_build_lock(tmp_path, stale_after=1.5)
+    assert 1.4 < time.monotonic() - start < 30
+    assert not lock.exists()

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ _PYTHON_KERNEL_MODULES = (
     "multitune.ops.linear_cross_entropy",
     "multitune.ops.linear_token_logprobs",
 )
+
+# A build lock this old was left by a killed build (a build takes about a minute here).
+STALE_LOCK_SECONDS = 600.0
 
 _lock = threading.Lock()
 _backend: str | None = None
@@ -84,6 +88,7 @@ def _build() -> None:
     csrc = find_csrc()
     build_dir = extension_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_build_lock(build_dir)
     cpp_extension.load(
         name=EXTENSION_NAME,
         sources=sorted(str(path) for path in csrc.glob("*.cpp")),
@@ -93,6 +98,37 @@ def _build() -> None:
         is_python_module=False,  # ops register through TORCH_LIBRARY, no pybind module
         verbose=False,
     )
+
+
+def clear_stale_build_lock(build_dir: Path, stale_after: float = STALE_LOCK_SECONDS) -> None:
+    """Wait for another process's build of ``build_dir``, and remove its lock if it is stale.
+
+    torch's builder holds a ``lock`` file while it compiles and waits, without a limit, while
+    one exists. A build killed midway (Ctrl-C, the OOM killer, a preempted node) leaves the
+    file behind, and every later run then hung silently at its first op. A build takes about
+    a minute, so a lock older than ``stale_after`` seconds is a dead one: it is removed, with a
+    warning, and this process builds.
+    """
+    lock = build_dir / "lock"
+    announced = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            logger.warning(
+                "removing the C++ extension's build lock %s: %.0f s old, so the build that "
+                "held it is dead",
+                lock,
+                age,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        if not announced:
+            logger.info("waiting for another process's C++ extension build (lock %s)", lock)
+            announced = True
+        time.sleep(min(1.0, stale_after))
 
 
 def _register_python_kernels() -> None:
