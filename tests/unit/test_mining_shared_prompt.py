@@ -1,5 +1,5 @@
-"""DPO mining: a question's candidate answers scored with the prompt run once
-(``preference.candidate_scores``) equal the full sequences scored one by one
+"""DPO mining: questions' candidate answers scored in one forward, each prompt once
+(``preference.candidate_scores``), equal the full sequences scored one by one
 (``dpo_step.sequence_logprobs``), on the tiny model with LoRA and on SmolLM2."""
 
 import contextlib
@@ -44,19 +44,51 @@ def trained_lora(model):
     return peft.eval()
 
 
-def test_grouped_scores_equal_each_full_sequence_on_the_tiny_model_with_lora(tiny_tokenizer):
+SECOND = "Answer with the correct choice.\n\nQuestion: where do cards arrive?"
+
+
+def one_by_one(model, questions, pad):
+    with torch.no_grad():
+        return [[sequence_logprobs(model, [e], pad).item() for e in q] for q in questions]
+
+
+def test_questions_scored_in_one_forward_equal_each_full_sequence_with_lora(tiny_tokenizer):
     model = trained_lora(build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=1))
-    examples = candidates(tiny_tokenizer)
+    questions = [candidates(tiny_tokenizer), candidates(tiny_tokenizer, SECOND, CANDIDATES[:3])]
     pad = tiny_tokenizer.pad_token_id
     with decoder_forwards(model) as forwards:
-        grouped = candidate_scores(model, examples, pad)
-    # One batch-1 forward of the prompt but its last token, then the candidates' own tokens.
-    assert forwards == [(1, examples[0].prompt_length - 1), (len(examples), forwards[1][1])]
-    assert forwards[1][1] == max(len(e.input_ids) for e in examples) - forwards[0][1]
-    with torch.no_grad():
-        one_by_one = torch.cat([sequence_logprobs(model, [e], pad) for e in examples])
-    torch.testing.assert_close(grouped, one_by_one, rtol=1e-5, atol=1e-5)
-    assert len(set(one_by_one.tolist())) == len(examples)  # distinct scores: a real comparison
+        grouped = candidate_scores(model, questions, pad)
+    # One forward for both questions, as one row: each prompt once (their common start, the
+    # template's system block, once for both), then the candidates' own tokens.
+    assert len(forwards) == 1 and forwards[0][0] == 1
+    own = sum(len(e.input_ids) - (e.prompt_length - 1) for q in questions for e in q)
+    assert forwards[0][1] < questions[0][0].prompt_length + questions[1][0].prompt_length + own
+    expected = one_by_one(model, questions, pad)
+    for scores, reference in zip(grouped, expected):
+        torch.testing.assert_close(
+            torch.tensor(scores), torch.tensor(reference), rtol=1e-5, atol=1e-5
+        )
+    assert len(set(expected[0])) == len(expected[0])  # distinct scores: a real comparison
+
+
+def test_under_flash_attention_each_question_runs_from_its_kv_cache(tiny_tokenizer, monkeypatch):
+    # flash-attention takes no prefix-sharing mask: each question's prompt runs at batch 1 and
+    # its candidates continue from the cache (the flash branch, run here under sdpa).
+    from multitune.data import preference
+
+    monkeypatch.setattr(preference, "uses_flash_attention", lambda decoder: True)
+    model = trained_lora(build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=1))
+    questions = [candidates(tiny_tokenizer), candidates(tiny_tokenizer, SECOND, CANDIDATES[:3])]
+    pad = tiny_tokenizer.pad_token_id
+    with decoder_forwards(model) as forwards:
+        grouped = candidate_scores(model, questions, pad)
+    first = questions[0]
+    assert forwards[:2] == [(1, first[0].prompt_length - 1), (len(first), forwards[1][1])]
+    assert len(forwards) == 4
+    for scores, reference in zip(grouped, one_by_one(model, questions, pad)):
+        torch.testing.assert_close(
+            torch.tensor(scores), torch.tensor(reference), rtol=1e-5, atol=1e-5
+        )
 
 
 @contextlib.contextmanager
@@ -77,26 +109,30 @@ def decoder_forwards(model):
 def test_candidates_with_no_common_prefix_run_whole(tiny_tokenizer):
     model = build_tiny_model(TinyModelConfig(size="nano"), tiny_tokenizer, seed=1).eval()
     examples = candidates(tiny_tokenizer, answers=["Claim", "card_arrival"])
-    # Make the second one start differently: nothing is shared, both rows run whole.
+    # Make the second one start differently: nothing is shared, both run whole.
     examples[1].input_ids[0] = (examples[0].input_ids[0] + 1) % len(tiny_tokenizer)
     assert shared_prefix.shared_prefix_length([e.input_ids for e in examples]) == 0
     pad = tiny_tokenizer.pad_token_id
     with decoder_forwards(model) as forwards:
-        scores = candidate_scores(model, examples, pad)
-    assert forwards == [(2, max(len(e.input_ids) for e in examples))]
-    with torch.no_grad():
-        torch.testing.assert_close(scores, sequence_logprobs(model, examples, pad))
+        (scores,) = candidate_scores(model, [examples], pad)
+    assert len(forwards) == 1  # laid out whole, as lone examples
+    torch.testing.assert_close(
+        torch.tensor(scores),
+        torch.tensor(one_by_one(model, [examples], pad)[0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
 def test_grouped_scores_equal_each_full_sequence_on_smollm2(smollm2):
     model, tokenizer = smollm2
-    examples = candidates(tokenizer)
+    questions = [candidates(tokenizer), candidates(tokenizer, SECOND, CANDIDATES[:3])]
     with decoder_forwards(model) as forwards:
-        grouped = candidate_scores(model, examples, tokenizer.pad_token_id)
-    assert forwards[0] == (1, examples[0].prompt_length - 1)  # the default system block and all
-    with torch.no_grad():
-        one_by_one = torch.cat(
-            [sequence_logprobs(model, [e], tokenizer.pad_token_id) for e in examples]
+        grouped = candidate_scores(model, questions, tokenizer.pad_token_id)
+    assert len(forwards) == 1
+    expected = one_by_one(model, questions, tokenizer.pad_token_id)
+    for scores, reference in zip(grouped, expected):
+        torch.testing.assert_close(
+            torch.tensor(scores), torch.tensor(reference), rtol=1e-5, atol=1e-4
         )
-    torch.testing.assert_close(grouped, one_by_one, rtol=1e-5, atol=1e-4)

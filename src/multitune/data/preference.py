@@ -22,12 +22,14 @@ from multitune.config.schema import RunConfig, TaskConfig
 from multitune.data.formatting import TokenizedExample, tokenize_example
 from multitune.data.loading import load_split
 from multitune.data.pipeline import TaskData
+from multitune.data.prefix_sharing import MIN_PREFIX_TOKENS, shared_prefix_length
 from multitune.data.splitting import split_indices
 from multitune.evaluation.shared_prefix import labelled_rows_forward
 from multitune.losses.causal_lm import token_logprobs
 from multitune.models.lora import decoder_and_head
 from multitune.tasks.base import Example, TaskDataError, row_error
-from multitune.training.dpo_step import TokenizedPair
+from multitune.training.dpo_step import TokenizedPair, grouped_logprobs
+from multitune.training.step import uses_flash_attention
 
 log = logging.getLogger(__name__)
 CLOSED_ANSWER_KINDS = ("classification", "multiple_choice")
@@ -190,44 +192,70 @@ def candidate_logprobs(
     """Per example, log p(candidate answer + end-of-turn | prompt) for every candidate.
 
     This is the quantity DPO trains, so the top wrong candidate is the hardest negative for it.
-    None for an example whose candidates do not fit ``data.max_seq_len``. A question's
-    candidates share its prompt, which runs once (``candidate_scores``).
+    None for an example whose candidates do not fit ``data.max_seq_len``. ``eval.batch_size``
+    questions are scored per forward, each question's prompt once (``candidate_scores``).
     """
     template_kwargs = {"date_string": cfg.data.template_date}
-    scores: list[list[float] | None] = []
+    questions: list[list[TokenizedExample] | None] = []
+    for example in examples:
+        tokenized = [
+            tokenize_example(
+                _with_answer(example.prompt_messages, candidate, example),
+                tokenizer,
+                cfg.data.max_seq_len,
+                template_kwargs,
+            )
+            for candidate in example.candidates
+        ]
+        # a str is the reason the example was dropped
+        questions.append(None if any(isinstance(t, str) for t in tokenized) else tokenized)
+    scorable = [q for q in questions if q is not None]
+    size = cfg.eval.batch_size
+    scores: list[list[float]] = []
     was_training = model.training
     model.eval()
     try:
-        for example in examples:
-            tokenized = [
-                tokenize_example(
-                    _with_answer(example.prompt_messages, candidate, example),
-                    tokenizer,
-                    cfg.data.max_seq_len,
-                    template_kwargs,
-                )
-                for candidate in example.candidates
-            ]
-            if any(isinstance(t, str) for t in tokenized):  # a reason it was dropped
-                scores.append(None)
-                continue
-            scores.append(candidate_scores(model, tokenized, tokenizer.pad_token_id).tolist())
+        for start in range(0, len(scorable), size):
+            scores += candidate_scores(
+                model, scorable[start : start + size], tokenizer.pad_token_id
+            )
     finally:
         model.train(was_training)
-    return scores
+    found = iter(scores)
+    return [None if q is None else next(found) for q in questions]
 
 
 @torch.no_grad()
-def candidate_scores(model, candidates: list[TokenizedExample], pad_id: int) -> torch.Tensor:
-    """Summed log p(answer | prompt) of each candidate of one question (``sequence_logprobs``'s
-    figures to 1e-5), the prompt run once: the candidates differ only in their last few tokens
-    (a banking77 candidate on SmolLM2 is about 145 tokens, 139 of them the prompt), so the common
-    prefix runs at batch 1 and each candidate continues from its cache (``shared_prefix``). Under
-    a process group every rank must call it in step, as mining does."""
+def candidate_scores(
+    model, questions: list[list[TokenizedExample]], pad_id: int
+) -> list[list[float]]:
+    """Summed log p(answer | prompt) of each candidate of each question (``sequence_logprobs``'s
+    figures to 1e-5), each question's prompt run once: the candidates differ only in their last
+    few tokens (a banking77 candidate on SmolLM2 is about 145 tokens, 139 of them the prompt).
+
+    Under sdpa or eager attention all ``questions`` run in one prefix-sharing forward
+    (``dpo_step.grouped_logprobs``), the start the questions have in common (the instruction,
+    the label list, the system block) once for all. flash-attention takes no such mask: there
+    each question's prompt runs at batch 1 and its candidates continue from its KV cache
+    (``evaluation.shared_prefix``). Under a process group every rank must call it in step, as
+    mining does.
+    """
     decoder, head = decoder_and_head(model)
-    device = next(model.parameters()).device
-    hidden, targets = labelled_rows_forward(decoder, candidates, pad_id, device, share=True)
-    return token_logprobs(hidden, head, targets).sum(dim=1)
+    if uses_flash_attention(decoder):
+        device = next(model.parameters()).device
+        scores = []
+        for candidates in questions:
+            hidden, targets = labelled_rows_forward(decoder, candidates, pad_id, device, share=True)
+            scores.append(token_logprobs(hidden, head, targets).sum(dim=1).tolist())
+        return scores
+    prompts = [shared_prefix_length(candidates) for candidates in questions]
+    prompts = [prompt if prompt >= MIN_PREFIX_TOKENS else 0 for prompt in prompts]
+    sums = grouped_logprobs(model, questions, prompts, pad_id).tolist()
+    scores, start = [], 0
+    for candidates in questions:
+        scores.append(sums[start : start + len(candidates)])
+        start += len(candidates)
+    return scores
 
 
 def mined_negative_pairs(

@@ -102,23 +102,41 @@ def pair_logprobs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: in
     """Summed answer log-probs [2 x pairs]: every chosen side, then every rejected side.
 
     Pairs with a ``shared_prompt`` run as one prefix-sharing micro-batch: each prompt once,
-    its two answers behind it (``data.prefix_sharing``); otherwise both sides padded whole.
+    its two answers behind it (``grouped_logprobs``); otherwise both sides padded whole.
     """
-    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     if not any(p.shared_prompt for p in pairs):
-        return sequence_logprobs(model, examples, pad_id)
-    # Each pair is its own "task": its prompt is shared by exactly its two sides.
-    n = len(pairs)
-    blocks = [replace(e, task_index=i % n) for i, e in enumerate(examples)]
-    prompts = [p.shared_prompt for p in pairs]
-    # Rows at least as long as the longest pair laid out shared, so every pair stays one
-    # block; the pairs' prompts of a row form a tree (a task's instruction, the system block).
+        return sequence_logprobs(
+            model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id
+        )
+    sums = grouped_logprobs(
+        model, [[p.chosen, p.rejected] for p in pairs], [p.shared_prompt for p in pairs], pad_id
+    )
+    return sums.view(len(pairs), 2).T.reshape(-1)
+
+
+def grouped_logprobs(
+    model: torch.nn.Module,
+    groups: list[list[TokenizedExample]],
+    prompts: list[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Summed answer log-probs of every example of ``groups``, in order, in one forward.
+
+    The examples of a group start with the same ``prompts[g]`` tokens (0: run whole), laid
+    down once with the group's answers behind it (``data.prefix_sharing``); the prompts of a
+    row form a prefix tree, so what different groups start with (a task's instruction, the
+    system block) is computed once too.
+    """
+    examples = [replace(e, task_index=g) for g, group in enumerate(groups) for e in group]
+    # Rows at least as long as the longest group laid out shared, so every group stays one
+    # block.
     longest = max(
-        len(p.chosen.input_ids) + len(p.rejected.input_ids) - p.shared_prompt for p in pairs
+        prompt + sum(len(e.input_ids) - prompt for e in group)
+        for group, prompt in zip(groups, prompts)
     )
     decoder, head = decoder_and_head(model)
     batch = share_prefixes(
-        blocks, pad_id, longest, prompts, width_scale=row_width_scale(decoder.config)
+        examples, pad_id, longest, prompts, width_scale=row_width_scale(decoder.config)
     )
     device = next(model.parameters()).device
     inputs = decoder_inputs(batch, device, mask_dtype=sharing_mask_dtype(decoder))
