@@ -9,10 +9,13 @@ once per micro-batch. Each layout runs ``--warmup`` untimed steps, then the two 
 throughput in the tokens the examples stand for (every example's full length, on both sides).
 ``--dpo``: the same for DPO window steps (``dpo.train`` micro-batches) on pairs of the tasks with
 a random wrong answer as the rejected one, each pair's prompt shared or not; pairs/s.
+``--mining``: DPO's negative mining (scoring every candidate answer of ``--questions`` training
+questions per task), one question per forward (its prompt once) against ``eval.batch_size``
+questions per forward (their common start once too); questions/s.
 
 The last line reads ``share_prefix: throughput ratio R.RRx`` (shared over unshared).
 
-Run: .venv/bin/python bench/prefix_sharing.py [--dpo] [--device cuda] [--steps 20] [--threads 2]
+Run: .venv/bin/python bench/prefix_sharing.py [--dpo | --mining] [--device cuda] [--steps 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per layout first")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dpo", action="store_true", help="time DPO window steps instead")
+    parser.add_argument("--mining", action="store_true", help="time DPO negative mining instead")
+    parser.add_argument("--questions", type=int, default=48, help="--mining: questions per task")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for train")
     args = parser.parse_args()
 
@@ -66,6 +71,8 @@ def main() -> None:
 
     if args.dpo:
         return time_dpo(model, tokenizer, tasks, cfg, device, args)
+    if args.mining:
+        return time_mining(model, tokenizer, tasks, cfg, args)
     sizes = [len(t.tokenized["train"]) for t in tasks]
     weights = [t.sampling_weight for t in cfg.tasks]
     order = epoch_order(sizes, task_probabilities(sizes, cfg.data, weights), cfg.seed, 0)
@@ -166,6 +173,31 @@ def time_dpo(model, tokenizer, tasks, cfg, device, args) -> None:
             f"{rates[name]:6.2f} pairs/s"
         )
     print(f"share_prefix: throughput ratio {rates['shared'] / rates['unshared']:.2f}x")
+
+
+def time_mining(model, tokenizer, tasks, cfg, args) -> None:
+    """DPO mining with one question per forward and with ``eval.batch_size``: questions/s."""
+    from multitune.data.preference import candidate_logprobs
+
+    one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 1})})
+    layouts = {"per question": one, f"{cfg.eval.batch_size} per forward": cfg}
+    questions = [t.examples["train"][: args.questions] for t in tasks]
+    candidate_logprobs(model, tokenizer, questions[0][:2], cfg)  # warm-up
+    seconds = dict.fromkeys(layouts, 0.0)
+    for task, examples in zip(tasks, questions):
+        scores = {}
+        for name, config in layouts.items():
+            start = time.perf_counter()
+            scores[name] = candidate_logprobs(model, tokenizer, examples, config)
+            seconds[name] += time.perf_counter() - start
+        first, second = scores.values()
+        diff = max(abs(a - b) for x, y in zip(first, second) for a, b in zip(x, y))
+        print(f"{task.spec.name:16s} {len(examples)} questions, scores within {diff:.1e}")
+    total = sum(len(q) for q in questions)
+    for name in layouts:
+        print(f"{name:16s} {seconds[name]:7.1f} s  {total / seconds[name]:6.2f} questions/s")
+    first, second = seconds.values()
+    print(f"share_prefix: throughput ratio {first / second:.2f}x")
 
 
 if __name__ == "__main__":

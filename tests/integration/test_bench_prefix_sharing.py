@@ -1,5 +1,5 @@
 """bench/prefix_sharing.py in a short CPU mode on the tiny demo: training and DPO steps, each
-with and without shared prefixes, and the ratio line. The ratios are benchmark figures, not
+with and without shared prefixes, DPO mining per question and in batches, and the ratio line. The ratios are benchmark figures, not
 asserted; that the shared layout computes fewer tokens is."""
 
 import os
@@ -56,3 +56,11 @@ def test_dpo_steps_print_the_ratio_line():
     assert RATIO_LINE.match(lines[-1]), lines[-1]
     pairs = next(line for line in lines if line.startswith("DPO pairs:"))
     assert float(pairs.rsplit(" ", 1)[1]) > 16  # the tiny demo's prompts are mostly shared
+
+
+@pytest.mark.slow
+def test_mining_prints_the_ratio_line_with_the_same_scores_both_ways():
+    lines = run_bench("--mining", "--questions", "6")
+    assert RATIO_LINE.match(lines[-1]), lines[-1]
+    within = [float(line.rsplit(" ", 1)[1]) for line in lines if "scores within" in line]
+    assert len(within) == 3 and max(within) < 1e-4
