@@ -129,17 +129,21 @@ def share_prefixes(
 
     ``prefix_lengths[t]`` is task t's shared prefix (``prefixes_to_share``). Rows hold at most
     ``capacity`` tokens; with ``width_scale`` (``attention_width``) the row length is chosen
-    instead, see ``_cheapest_capacity``. Returns ``input_ids``, ``labels``, ``position_ids``,
+    instead, see ``_capacities``. Returns ``input_ids``, ``labels``, ``position_ids``,
     ``sequence_index``, ``node_index`` ([rows, width]), ``node_ancestors`` ([nodes, nodes])
     and ``task_index`` ([len(batch)]).
     """
-    if width_scale is not None:
-        capacity = _cheapest_capacity(batch, capacity, prefix_lengths, seed, width_scale)
-    parents: list[int] = []
-    rows = [
-        _row_pieces(batch, row, parents) for row in _rows(batch, capacity, prefix_lengths, seed)
-    ]
-    width = max(sum(len(piece.tokens) for piece in row) for row in rows)
+    if width_scale is None:
+        rows, parents = _layout(batch, capacity, prefix_lengths, seed)
+    else:
+
+        def cost(layout: tuple[list[list[_Piece]], list[int]]) -> float:
+            width = _width(layout[0])
+            return len(layout[0]) * width * (1 + width / width_scale)
+
+        candidates = _capacities(batch, capacity)
+        rows, parents = min((_layout(batch, c, prefix_lengths, seed) for c in candidates), key=cost)
+    width = _width(rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -251,39 +255,40 @@ def _rows(
     return [[blocks[number] for number in bin_] for bin_ in bins if bin_]
 
 
-def _cheapest_capacity(
-    batch: list[TokenizedExample],
-    capacity: int,
-    prefix_lengths: Sequence[int],
-    seed: int,
-    width_scale: float,
-) -> int:
-    """The row capacity whose layout costs least: rows x width x (1 + width / width_scale).
+def _layout(
+    batch: list[TokenizedExample], capacity: int, prefix_lengths: Sequence[int], seed: int
+) -> tuple[list[list[_Piece]], list[int]]:
+    """The rows (as pieces) of ``batch`` in rows of at most ``capacity`` tokens, and the parent
+    of each prefix-tree node."""
+    parents: list[int] = []
+    rows = [
+        _row_pieces(batch, row, parents) for row in _rows(batch, capacity, prefix_lengths, seed)
+    ]
+    return rows, parents
+
+
+def _width(rows: list[list[_Piece]]) -> int:
+    return max(sum(len(piece.tokens) for piece in row) for row in rows)
+
+
+def _capacities(batch: list[TokenizedExample], capacity: int) -> list[int]:
+    """The row capacities to try, smallest first, from the longest example up to the whole
+    micro-batch in one row (``share_prefixes`` keeps the cheapest layout).
 
     Rows of ``data.max_seq_len`` suit examples but not blocks: a task's prefix with its
     suffixes is one lump (banking77's 108 + 3 x 32 tokens in the demo), and lumps pack into
     fixed rows with much padding (36% of the demo's positions). Every position of the
     rectangular batch costs the linear layers; attention adds a part that grows with the
-    width. So capacities from the longest example up to the whole micro-batch in one row are
-    tried, and the cheapest kept; the cost model favours one row until attention outweighs
-    the padding that more rows would add.
+    width, so the cost rows x width x (1 + width / width_scale) favours one row until attention
+    outweighs the padding that more rows would add.
     """
     longest = max(len(e.input_ids) for e in batch)
     most = sum(len(e.input_ids) for e in batch)
-    candidates, size = {capacity}, float(longest)
+    candidates, size = {capacity, most}, float(longest)
     while size < most:
         candidates.add(int(size))
         size *= 1.25
-    candidates.add(most)
-
-    def cost(candidate: int) -> float:
-        rows = [
-            _row_pieces(batch, row, []) for row in _rows(batch, candidate, prefix_lengths, seed)
-        ]
-        width = max(sum(len(piece.tokens) for piece in row) for row in rows)
-        return len(rows) * width * (1 + width / width_scale)
-
-    return min(sorted(candidates), key=cost)
+    return sorted(candidates)
 
 
 def _blocks(

@@ -90,7 +90,7 @@ def build_plan(
         example_tokens=num_tokens / num_examples if num_tokens and num_examples else None,
         packing=cfg.data.packing,
         # Shared prefixes under sdpa: rows as wide as the cost model chooses (one row on the
-        # demo), so no row rounding (data.prefix_sharing._cheapest_capacity).
+        # demo), so no row rounding (data.prefix_sharing._capacities).
         free_width=attention == "sdpa"
         and bool(num_tokens and num_example_tokens and num_tokens < num_example_tokens),
         answer_fraction=num_answer_tokens / num_tokens if num_answer_tokens and num_tokens else 1.0,
