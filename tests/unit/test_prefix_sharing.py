@@ -15,6 +15,7 @@ from multitune.data.formatting import IGNORE_INDEX, TokenizedExample
 from multitune.data.packing import micro_batch, micro_batches, pack
 from multitune.data.pipeline import load_tasks, tokenize_tasks
 from multitune.data.prefix_sharing import (
+    attention_segments,
     prefix_sharing_mask,
     prefixes_to_share,
     share_prefixes,
@@ -58,8 +59,9 @@ def assert_relative_close(actual, expected, tol=1e-5):
 def per_example_losses(model, batch, mask=None):
     decoder, head = decoder_and_head(model)
     inputs = decoder_inputs(batch, "cpu", mask_dtype=sharing_mask_dtype(decoder))
-    if mask is not None:
+    if mask is not None:  # one sdpa call under this mask, not the segments of the real one
         inputs["attention_mask"] = mask
+        inputs.pop("attention_segments", None)
     hidden = decoder(**inputs).last_hidden_state
     return example_sums(token_losses(hidden, head, micro_batch_targets(batch)), batch)
 
@@ -119,6 +121,82 @@ def test_tasks_whose_prefixes_start_alike_share_that_start_as_a_tree():
     # b's suffix sees [1, 2], [3] and itself, not a's suffix
     assert mask[6].nonzero().flatten().tolist() == [0, 1, 2, 5, 6]
     assert mask[13].nonzero().flatten().tolist() == [11, 12, 13]
+
+
+def test_attention_segments_hold_every_key_the_mask_allows():
+    a = example([1, 2, 3, 4, 5], answer=1, task=0, index=0)
+    b = example([1, 2, 3, 6, 7], answer=1, task=0, index=1)
+    c = example([1, 2, 8, 9, 4, 5], answer=1, task=1, index=2)
+    d = example([5, 5, 6], answer=1, task=2, index=3)
+    # One row: the tree of the test above. Two rows of 10: task 1 alone with padding, then
+    # task 0 and task 2, which share no start.
+    tree, two_rows = (
+        share_prefixes([a, b, c, d], pad_id=0, capacity=capacity, prefix_lengths=[3, 4, 2])
+        for capacity in (32, 10)
+    )
+    expected = {
+        # node 0 = [1, 2] (no suffix of its own), 1 = [3] with a's and b's suffixes, 2 = [8, 9]
+        # with c's (both see node 0), 3 = [5, 5] with d's
+        "tree": [
+            [
+                (0, 2, [0, 1]),
+                (2, 7, [0, 1, 2, 3, 4, 5, 6]),
+                (7, 11, [0, 1, 7, 8, 9, 10]),
+                (11, 14, [11, 12, 13]),
+            ]
+        ],
+        "two rows": [
+            [(0, 6, [0, 1, 2, 3, 4, 5]), (6, 10, None)],
+            [(0, 7, [0, 1, 2, 3, 4, 5, 6]), (7, 10, [7, 8, 9])],
+        ],
+    }
+    for name, batch in {"tree": tree, "two rows": two_rows}.items():
+        mask = prefix_sharing_mask(batch, "cpu")
+        segments = attention_segments(batch, mask)
+        spans = [
+            [(start, end, None if keys is None else keys.tolist()) for start, end, keys, _ in row]
+            for row in segments
+        ]
+        assert spans == expected[name]
+        for row, row_segments in enumerate(segments):
+            for start, end, keys, part in row_segments:
+                seen = mask[row, 0, start:end]
+                if keys is None:  # padding sees only padding
+                    assert not seen[:, batch["node_index"][row] >= 0].any()
+                    continue
+                assert torch.equal(part[0, 0], seen[:, keys])
+                outside = torch.ones(seen.shape[1], dtype=torch.bool)
+                outside[keys] = False
+                assert not seen[:, outside].any()  # no key the mask allows is left out
+    # A node whose tokens are not one run (not a layout share_prefixes makes): no segments.
+    split = dict(tree, node_index=torch.tensor([[0, 0, 1, 0]]))
+    split["sequence_index"] = torch.tensor([[-1, -1, 0, 1]])
+    assert attention_segments(split, torch.ones(1, 1, 4, 4, dtype=torch.bool)) is None
+
+
+def test_segmented_attention_equals_one_masked_call(tiny_tokenizer, demo_examples):
+    """The per-segment sdpa calls give the one masked call's hidden states and gradients,
+    on several rows with padding (a capacity below the micro-batch's tokens)."""
+    examples, _ = micro_batch_cases(demo_examples)["mixed"]
+    _, prefixes = demo_examples
+    model = lora_model(tiny_tokenizer)
+    decoder, _ = decoder_and_head(model)
+    pad = tiny_tokenizer.pad_token_id
+    batch = share_prefixes(examples, pad, 160, prefixes)
+    assert batch["input_ids"].shape[0] >= 2 and (batch["node_index"] == -1).any()
+    results = []
+    for segmented in (False, True):
+        model.zero_grad()
+        inputs = decoder_inputs(batch, "cpu", segmented=segmented)
+        assert ("attention_segments" in inputs) == segmented
+        hidden = decoder(**inputs).last_hidden_state
+        real = batch["node_index"] >= 0
+        (hidden[real] * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        results.append((hidden[real].detach(), grads(model)))
+    (dense, dense_grads), (segmented, segmented_grads) = results
+    assert_relative_close(segmented, dense, tol=1e-6)
+    for name, grad in segmented_grads.items():
+        assert_relative_close(grad, dense_grads[name])
 
 
 def test_layout_width_is_chosen_by_cost_and_keeps_the_losses(tiny_tokenizer, demo_examples):
@@ -272,7 +350,8 @@ def test_a_leaky_mask_would_differ(tiny_tokenizer, demo_examples):
     leaky = (causal & (node[:, :, None] == node[:, None, :]))[:, None]
     leaky_losses = per_example_losses(model, batch, mask=leaky)
     shared = per_example_losses(model, batch)
-    assert not torch.allclose(leaky_losses, shared, rtol=1e-3)
+    # By far more than the equality tests' 1e-5 (measured: 7e-4 to 2e-3 relative).
+    assert not torch.allclose(leaky_losses, shared, rtol=1e-4, atol=0)
 
 
 @pytest.mark.slow

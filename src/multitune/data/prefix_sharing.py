@@ -343,3 +343,45 @@ def prefix_sharing_mask(
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
         ~mask, torch.finfo(dtype).min
     )
+
+
+def attention_segments(
+    mb: dict[str, torch.Tensor], mask: torch.Tensor
+) -> list[list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]] | None:
+    """Per row of a ``share_prefixes`` micro-batch, its runs of one prefix-tree node, for
+    ``models.attention.segmented_sdpa``: (start, end, key positions, ``mask``'s part).
+
+    A node's run is its prefix tokens and the suffixes right behind it; its keys are the prefix
+    tokens of the nodes above it and the run itself, which holds every key ``mask`` lets the
+    run see. Padding gets no keys (None). None when a node's tokens are not one run (a layout
+    this module does not make): the caller keeps the whole mask.
+    """
+    node = mb["node_index"].tolist()
+    sequence = mb["sequence_index"].tolist()
+    ancestors = mb["node_ancestors"]
+    rows = []
+    for row, (nodes, sequences) in enumerate(zip(node, sequence)):
+        runs: list[tuple[int, int, int]] = []  # (node, start, end)
+        for position, value in enumerate(nodes):
+            if runs and runs[-1][0] == value:
+                runs[-1] = (value, runs[-1][1], position + 1)
+            else:
+                runs.append((value, position, position + 1))
+        if len({value for value, _, _ in runs}) != len(runs):
+            return None
+        prefix_tokens = {}  # node -> positions of its prefix tokens
+        segments = []
+        for value, start, end in runs:
+            if value < 0:
+                segments.append((start, end, None, None))
+                continue
+            own = [p for p in range(start, end) if sequences[p] == -1]
+            prefix_tokens[value] = own
+            above = [n for n in ancestors[value].nonzero().flatten().tolist() if n != value]
+            if any(n not in prefix_tokens for n in above):
+                return None
+            keys = [p for n in above for p in prefix_tokens[n]]
+            keys = torch.tensor(keys + list(range(start, end)), device=mask.device)
+            segments.append((start, end, keys, mask[row : row + 1, :, start:end][..., keys]))
+        rows.append(segments)
+    return rows

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from multitune.data.prefix_sharing import prefix_sharing_mask
+from multitune.data.prefix_sharing import attention_segments, prefix_sharing_mask
 from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_losses
+from multitune.models import attention
 from multitune.models.lora import decoder_and_head
 
 
@@ -64,7 +65,8 @@ def accumulate_gradients(
     last = len(micro_batches) - 1
     for number, (mb, target) in enumerate(zip(micro_batches, targets)):
         set_gradient_sync(model, number == last)  # one reduction per optimizer step
-        hidden = decoder(**decoder_inputs(mb, device, one_row, mask_dtype)).last_hidden_state
+        inputs = decoder_inputs(mb, device, one_row, mask_dtype, decoder is model_decoder)
+        hidden = decoder(**inputs).last_hidden_state
         hidden = hidden.view(*target.shape, -1)  # back to [rows, T, H] after a one-row forward
         num_input_tokens += count_input_tokens(mb)
         losses = token_losses(hidden, head, target)  # [rows, T]
@@ -111,8 +113,13 @@ def decoder_inputs(
     device,
     one_row: bool = False,
     mask_dtype: torch.dtype | None = None,
+    segmented: bool = True,
 ) -> dict:
     """Keyword arguments of the decoder for a padded, a packed or a prefix-sharing micro-batch.
+
+    Under sdpa (``mask_dtype`` None) a prefix-sharing micro-batch also passes its
+    ``attention_segments`` (``models.attention``) unless ``segmented`` is False: a compiled
+    decoder keeps the one masked call, as the segments' loop would recompile for every layout.
 
     ``one_row`` lays a packed micro-batch's rows end to end and passes the example borders as
     ``cu_seq_lens_*``: flash-attention runs its varlen kernel on them (transformers only
@@ -125,12 +132,18 @@ def decoder_inputs(
     if "node_index" in mb:
         # An explicit 4D mask: transformers passes it to the attention as it is.
         assert not one_row, "flash-attention takes no prefix-sharing mask"
-        return {
+        mask = prefix_sharing_mask(mb, device, mask_dtype)
+        inputs = {
             "input_ids": mb["input_ids"].to(device),
             "position_ids": mb["position_ids"].to(device),
-            "attention_mask": prefix_sharing_mask(mb, device, mask_dtype),
+            "attention_mask": mask,
             "use_cache": False,
         }
+        segments = attention_segments(mb, mask) if segmented and mask_dtype is None else None
+        if segments is not None:
+            attention.install()
+            inputs["attention_segments"] = segments
+        return inputs
     if "position_ids" in mb:
         # Packed: no attention mask, so transformers isolates the examples by position restarts.
         ids, positions = mb["input_ids"], mb["position_ids"]
