@@ -96,9 +96,10 @@ def attention_width(config) -> float:
     per token, for a decoder with this ``config`` (a transformers config).
 
     Linear layers cost ``linear`` multiply-adds per token whatever the row; attention under a
-    prefix-sharing mask costs ``2 x heads x head_dim`` per token per key of its row, every key
-    computed (no kernel skips the masked ones), and runs at about half the matrix multiplies'
-    rate (``MASKED_ATTENTION_SLOWDOWN``). SmolLM2-135M: 3072 / 2 = 1536 (the CPU gave 1400).
+    prefix-sharing mask costs ``2 x heads x head_dim`` per token per key it computes (every
+    key of its segment, ``models.attention``: no kernel skips the masked ones), and runs at
+    about half the matrix multiplies' rate (``MASKED_ATTENTION_SLOWDOWN``). SmolLM2-135M:
+    3072 / 2 = 1536 (the CPU gave 1400 for one masked call over a row).
     """
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -138,8 +139,7 @@ def share_prefixes(
     else:
 
         def cost(layout: tuple[list[list[_Piece]], list[int]]) -> float:
-            width = _width(layout[0])
-            return len(layout[0]) * width * (1 + width / width_scale)
+            return len(layout[0]) * _width(layout[0]) + _segment_pairs(*layout) / width_scale
 
         candidates = _capacities(batch, capacity)
         rows, parents = min((_layout(batch, c, prefix_lengths, seed) for c in candidates), key=cost)
@@ -271,6 +271,26 @@ def _width(rows: list[list[_Piece]]) -> int:
     return max(sum(len(piece.tokens) for piece in row) for row in rows)
 
 
+def _segment_pairs(rows: list[list[_Piece]], parents: list[int]) -> int:
+    """The query-key pairs the attention computes in segments (``attention_segments``): per
+    tree node's run, its length times its keys (the prefix tokens above it and the run)."""
+    prefix = {}  # node -> its prefix tokens
+    runs: dict[int, int] = {}  # node -> tokens of its run (prefix and suffixes)
+    for row in rows:
+        for piece in row:
+            runs[piece.node] = runs.get(piece.node, 0) + len(piece.tokens)
+            if piece.sequence == -1:
+                prefix[piece.node] = len(piece.tokens)
+    pairs = 0
+    for node, length in runs.items():
+        above, parent = 0, parents[node]
+        while parent != -1:
+            above += prefix.get(parent, 0)
+            parent = parents[parent]
+        pairs += length * (above + length)
+    return pairs
+
+
 def _capacities(batch: list[TokenizedExample], capacity: int) -> list[int]:
     """The row capacities to try, smallest first, from the longest example up to the whole
     micro-batch in one row (``share_prefixes`` keeps the cheapest layout).
@@ -278,9 +298,10 @@ def _capacities(batch: list[TokenizedExample], capacity: int) -> list[int]:
     Rows of ``data.max_seq_len`` suit examples but not blocks: a task's prefix with its
     suffixes is one lump (banking77's 108 + 3 x 32 tokens in the demo), and lumps pack into
     fixed rows with much padding (36% of the demo's positions). Every position of the
-    rectangular batch costs the linear layers; attention adds a part that grows with the
-    width, so the cost rows x width x (1 + width / width_scale) favours one row until attention
-    outweighs the padding that more rows would add.
+    rectangular batch costs the linear layers, and attention the pairs it computes in segments
+    (``_segment_pairs``), each pair 1 / width_scale of a position: the cost
+    rows x width + pairs / width_scale favours one row (a tree shared by all, no padding) until
+    attention outweighs the padding that more rows would add.
     """
     longest = max(len(e.input_ids) for e in batch)
     most = sum(len(e.input_ids) for e in batch)

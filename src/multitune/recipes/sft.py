@@ -211,7 +211,9 @@ def sft_training_data(
     loss_weights = torch.tensor([t.spec.loss_weight for t in tasks], device=device)
     pad_id = tokenizer.pad_token_id
     prefix_lengths = [t.prefix_to_share for t in tasks]
-    width_scale = row_width_scale(model.config)
+    # A compiled decoder runs one masked attention call over the row (models.attention), whose
+    # cost grows with the row: it keeps rows of data.max_seq_len (fewer shapes to compile too).
+    width_scale = None if cfg.train.compile else row_width_scale(model.config)
 
     def epoch_items(epoch: int) -> list:
         return epoch_order(sizes, probabilities, cfg.seed, epoch)  # (task, example) pairs
