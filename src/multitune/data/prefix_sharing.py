@@ -14,8 +14,9 @@ copy, per row), or a lone example of a task that shares nothing. Within a row th
 prefixes form a radix tree, so a start several tasks have in common (the chat template's
 system block) is computed once too. Per token, ``node_index`` names its prefix-tree node (-1 on
 padding) and ``sequence_index`` its example (-1 on prefix and padding); with
-``node_ancestors`` ``prefix_sharing_mask`` turns them into the attention mask. flash-attention
-takes no such mask: there sharing is off (``prefixes_to_share``).
+``node_ancestors`` ``prefix_sharing_mask`` turns them into the attention mask, and
+``attention_segments`` into the runs that sdpa computes one call each (``models.attention``).
+flash-attention takes no such mask: there sharing is off (``prefixes_to_share``).
 """
 
 from __future__ import annotations
