@@ -38,16 +38,17 @@ def segmented_sdpa(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    *args,
+    dropout: float = 0.0,
+    scaling: float | None = None,
     attention_segments: list[list[Segment]] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, or, with ``attention_segments`` (one list per row, from
     ``prefix_sharing.attention_segments``), one sdpa call per segment."""
     if attention_segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    dropout = kwargs.get("dropout", args[0] if args else 0.0)
-    scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     rows = []
     for row, segments in enumerate(attention_segments):
