@@ -22,7 +22,7 @@ from multitune.config.schema import RunConfig, TaskConfig
 from multitune.data.formatting import TokenizedExample, tokenize_example
 from multitune.data.loading import load_split
 from multitune.data.pipeline import TaskData
-from multitune.data.prefix_sharing import MIN_PREFIX_TOKENS, shared_prefix_length
+from multitune.data.prefix_sharing import shared_prefix_length, worth_sharing
 from multitune.data.splitting import split_indices
 from multitune.evaluation.shared_prefix import labelled_rows_forward
 from multitune.losses.causal_lm import token_logprobs
@@ -248,8 +248,7 @@ def candidate_scores(
             hidden, targets = labelled_rows_forward(decoder, candidates, pad_id, device, share=True)
             scores.append(token_logprobs(hidden, head, targets).sum(dim=1).tolist())
         return scores
-    prompts = [shared_prefix_length(candidates) for candidates in questions]
-    prompts = [prompt if prompt >= MIN_PREFIX_TOKENS else 0 for prompt in prompts]
+    prompts = [worth_sharing(shared_prefix_length(candidates)) for candidates in questions]
     sums = grouped_logprobs(model, questions, prompts, pad_id).tolist()
     scores, start = [], 0
     for candidates in questions:

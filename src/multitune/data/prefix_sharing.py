@@ -64,6 +64,11 @@ def shared_prefix_length(examples: Sequence[TokenizedExample]) -> int:
     return max(length, 0)
 
 
+def worth_sharing(prefix: int) -> int:
+    """``prefix`` if it is at least ``MIN_PREFIX_TOKENS`` long, else 0 (run unshared)."""
+    return prefix if prefix >= MIN_PREFIX_TOKENS else 0
+
+
 def prefixes_to_share(
     mode: str | bool,
     attention: str,
@@ -88,7 +93,7 @@ def prefixes_to_share(
     shared = []
     for prefix, mean in zip(prefixes, mean_tokens):
         worth_it = mode is True or prefix >= AUTO_MIN_PREFIX_FRACTION * mean
-        shared.append(prefix if worth_it and prefix >= MIN_PREFIX_TOKENS else 0)
+        shared.append(worth_sharing(prefix) if worth_it else 0)
     return shared
 
 

@@ -10,11 +10,11 @@ from multitune.config.schema import DpoConfig
 from multitune.data.batching import collate
 from multitune.data.formatting import TokenizedExample
 from multitune.data.prefix_sharing import (
-    MIN_PREFIX_TOKENS,
     prefixes_to_share,
     row_width_scale,
     share_prefixes,
     shared_prefix_length,
+    worth_sharing,
 )
 from multitune.distributed.strategy import set_gradient_sync
 from multitune.losses.causal_lm import next_token_targets, token_logprobs
@@ -92,10 +92,7 @@ def share_pair_prompts(
     if not on:
         return pairs
     # A pair whose sides share a single token runs unshared, as a task would.
-    return [
-        replace(p, shared_prompt=prompt if prompt >= MIN_PREFIX_TOKENS else 0)
-        for p, prompt in zip(pairs, prompts)
-    ]
+    return [replace(p, shared_prompt=worth_sharing(prompt)) for p, prompt in zip(pairs, prompts)]
 
 
 def pair_logprobs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int) -> torch.Tensor:
